@@ -99,7 +99,9 @@ def load_target(name_or_path: str | None = None, dtype: torch.dtype | str | None
     `smollm2-135m-instruct`), the embedded SmolLM2-135M-Instruct. float32 on CPU, bf16 on GPU
     unless `dtype` says otherwise."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # a per-tensor bar on every load is noise, not progress
     source = resolve_target(name_or_path)
     device_ = resolve_device(device)
     dtype_ = resolve_dtype(dtype, device_)

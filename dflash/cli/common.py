@@ -1,0 +1,82 @@
+"""Flags and loading shared by every subcommand that runs a target (and maybe a drafter)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dflash.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TARGET
+from dflash.errors import DFlashError
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, draft: bool = True) -> None:
+    group = parser.add_argument_group("models")
+    group.add_argument("--target", default=None, metavar="NAME_OR_PATH",
+                       help=f"target model: a Hub id, a local folder or a .gguf file "
+                            f"(default: the embedded {DEFAULT_TARGET})")
+    if draft:
+        group.add_argument("--draft", default=None, metavar="NAME_OR_PATH",
+                           help="DFlash drafter folder or Hub id (default: the drafter shipped for the "
+                                "embedded target)")
+    group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    group.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                       help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser, block_size: bool = True) -> None:
+    group = parser.add_argument_group("decoding")
+    if block_size:
+        group.add_argument("--block-size", type=int, default=None,
+                           help="tokens per draft block, 1 = plain decoding (default: the drafter's trained size)")
+    group.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
+                       help=f"stop after this many new tokens (default: {DEFAULT_MAX_NEW_TOKENS})")
+    group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    group.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: 1.0 = off)")
+    group.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (default: 0 = off)")
+    group.add_argument("--seed", type=int, default=None, help="seed for sampling")
+
+
+def resolve_draft_path(target: str | None, draft: str | None) -> str | None:
+    """The drafter to use: the one given, else the shipped one for the embedded target."""
+    if draft is not None:
+        return draft
+    if target is None or target.lower() == DEFAULT_TARGET:
+        from dflash.drafters import default_drafter_path
+
+        shipped = default_drafter_path()
+        return str(shipped) if shipped else None
+    return None
+
+
+def load_models(args: argparse.Namespace, need_drafter: bool = True) -> tuple[Any, Any, Any]:
+    """(target model, tokenizer, drafter or None) from --target/--draft/--device/--dtype."""
+    from dflash.model.drafter import DFlashDraftModel
+    from dflash.target.loader import load_target
+
+    draft_path = resolve_draft_path(args.target, getattr(args, "draft", None))
+    if need_drafter and draft_path is None:
+        if args.target is None:
+            raise DFlashError("no trained drafter ships for the embedded target yet: pass --draft PATH "
+                              "(or --block-size 1 for plain decoding)")
+        raise DFlashError(f"--draft is required for target {args.target!r} (or --block-size 1 for plain decoding)")
+    model, tokenizer = load_target(args.target, dtype=args.dtype, device=args.device)
+    drafter = None
+    if draft_path is not None and need_drafter:
+        drafter = DFlashDraftModel.from_pretrained(draft_path, dtype=args.dtype, device=model.device)
+    return model, tokenizer, drafter
+
+
+def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def existing_file(value: str) -> Path:
+    path = Path(value).expanduser()
+    if not path.exists():
+        raise argparse.ArgumentTypeError(f"{value} does not exist")
+    return path
