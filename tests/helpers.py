@@ -1,0 +1,95 @@
+"""Test doubles and tiny models shared by the suite."""
+
+from __future__ import annotations
+
+import torch
+
+from dflash import DFlashDraftModel
+
+# 20 varied prompts: arithmetic, reasoning, code, facts, writing, chat.
+PROMPTS = [
+    "What is 17 times 23?",
+    "Natalia sold clips to 48 friends in April and half as many in May. How many clips did she sell in total?",
+    "Write a Python function that reverses a string.",
+    "Explain what a hash table is in two sentences.",
+    "Give me three tips for sleeping better.",
+    "Translate 'good morning' into French and Spanish.",
+    "What is the capital of Australia?",
+    "Write a haiku about autumn leaves.",
+    "How do I sort a list of dictionaries by a key in Python?",
+    "Summarise the plot of Romeo and Juliet.",
+    "What is the derivative of x^3 + 2x?",
+    "List the planets of the solar system in order.",
+    "Write a SQL query that counts rows in a table named users.",
+    "Why is the sky blue?",
+    "A train travels 60 km in 45 minutes. What is its average speed in km/h?",
+    "Suggest a name for a coffee shop run by cats.",
+    "What are the main differences between TCP and UDP?",
+    "Write a short motivational message for a student before an exam.",
+    "Convert 100 degrees Fahrenheit to Celsius, showing the steps.",
+    "hello",
+]
+
+
+class OracleDrafter(DFlashDraftModel):
+    """Proposes the target's own continuation (taken from a reference decode), so greedy
+    verification accepts every block in full; `wrong_every` > 0 corrupts one proposal in some
+    steps so that acceptance stops mid-block and the caches are rolled back."""
+
+    def __init__(self, config, reference: torch.Tensor, wrong_every: int = 0, wrong_at: int = 2) -> None:
+        super().__init__(config)
+        self.reference = reference.flatten().tolist()  # prompt + reference continuation
+        self.wrong_every, self.wrong_at, self.calls = wrong_every, wrong_at, 0
+
+    @torch.no_grad()
+    def propose(self, target, block_ids, context_features, cache):
+        start = cache.length + context_features.shape[1]
+        cache.length = start  # consume the context as the real drafter does
+        size = block_ids.shape[1]
+        want = [self.reference[i] if i < len(self.reference) else 0 for i in range(start + 1, start + size)]
+        self.calls += 1
+        if self.wrong_every and self.calls % self.wrong_every == 0 and self.wrong_at < len(want):
+            want[self.wrong_at] = (want[self.wrong_at] + 1) % self.config.vocab_size
+        logits = torch.full((1, size - 1, self.config.vocab_size), -1e4, device=block_ids.device)
+        logits[0, torch.arange(size - 1), torch.tensor(want)] = 0.0
+        return logits
+
+
+def oracle_for(drafter: DFlashDraftModel, reference: torch.Tensor, **kw) -> OracleDrafter:
+    oracle = OracleDrafter(drafter.config, reference, **kw)
+    return oracle.to(drafter.device)
+
+
+def greedy_reference(model, input_ids: torch.Tensor, max_new_tokens: int, eos: int | None = None) -> torch.Tensor:
+    """The target's own greedy decoding through transformers' generate."""
+    out = model.generate(input_ids, attention_mask=torch.ones_like(input_ids), do_sample=False,
+                         max_new_tokens=max_new_tokens, min_new_tokens=0 if eos is not None else max_new_tokens,
+                         eos_token_id=eos, pad_token_id=0, top_p=None, top_k=None, temperature=None)
+    return out
+
+
+def tiny_config(family: str, vocab: int = 128, **overrides):
+    """A 2-layer, 64-wide config of a transformers family (random weights: seconds on CPU)."""
+    import transformers
+
+    cls = {
+        "llama": transformers.LlamaConfig,
+        "qwen2": transformers.Qwen2Config,
+        "qwen3": transformers.Qwen3Config,
+        "mistral": transformers.MistralConfig,
+    }[family]
+    kw = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+              tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    kw.update(overrides)
+    return cls(**kw)
+
+
+def tiny_target(family: str = "llama", seed: int = 0, init_std: float = 0.1, **overrides):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    config = tiny_config(family, **overrides)
+    config.initializer_range = init_std
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    return model.eval()
