@@ -1,0 +1,82 @@
+"""`dflash data` (regeneration, resume) and the tokenisation of training conversations."""
+
+import gzip
+import json
+
+import pytest
+
+from dflash.cli.main import main
+from dflash.errors import DFlashError
+from dflash.train.data import append_rows, done_ids, find_pool, select
+from dflash.train.dataset import is_held_out, read_jsonl, tokenize_conversation
+
+
+def test_loss_mask_covers_replies_and_their_end_of_turn(tokenizer):
+    msgs = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
+            {"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]
+    ids, mask = tokenize_conversation(tokenizer, msgs)
+    rendered = tokenizer.apply_chat_template(msgs, tokenize=False)
+    assert ids.tolist() == tokenizer(rendered, add_special_tokens=False)["input_ids"]
+    supervised = ids[mask].tolist()
+    assert tokenizer.decode(supervised) == "Hello! How can I help?<|im_end|>4<|im_end|>"
+    # a reply cut by the token cap gets no end-of-turn label
+    ids, mask = tokenize_conversation(tokenizer, msgs, finish="length")
+    assert tokenizer.decode(ids[mask].tolist()) == "Hello! How can I help?<|im_end|>4"
+    ids, mask = tokenize_conversation(tokenizer, msgs, max_len=10)
+    assert len(ids) == len(mask) == 10
+
+
+def test_held_out_split_is_deterministic():
+    rows = [{"file": "a.jsonl.gz", "source": "s", "id": i} for i in range(5000)]
+    held = [is_held_out(r, 0.01) for r in rows]
+    assert held == [is_held_out(r, 0.01) for r in rows]
+    assert 25 < sum(held) < 80
+    assert not any(is_held_out(r, 0.0) for r in rows)
+
+
+def test_append_resume_and_cut_tail(tmp_path):
+    out = tmp_path / "x.jsonl.gz"
+    append_rows(out, [{"id": 0}, {"id": 1}])
+    append_rows(out, [{"id": 5}])
+    assert done_ids(out) == {0, 1, 5}
+    with open(out, "ab") as f:  # an interrupted write: half a gzip member
+        f.write(gzip.compress(b'{"id": 7}\n')[:12])
+    assert done_ids(out) == {0, 1, 5}  # the cut member is dropped ...
+    append_rows(out, [{"id": 9}])
+    assert [r["id"] for r in read_jsonl(out)] == [0, 1, 5, 9]  # ... and appends stay readable
+
+
+def test_pool_lookup_and_selection(tmp_path, monkeypatch):
+    pool = tmp_path / "train" / "mine.jsonl"
+    pool.parent.mkdir()
+    pool.write_text("".join(json.dumps({"turns": [f"q{i}"]}) + "\n" for i in range(10)))
+    assert len(find_pool(str(pool))) == 10
+    assert len(find_pool("mine", str(tmp_path))) == 10
+    monkeypatch.setenv("DFLASH_DATA_DIR", str(tmp_path))
+    assert len(find_pool("mine.jsonl")) == 10
+    with pytest.raises(DFlashError, match="file.*data directory.*Hub") as e:
+        find_pool("nothing-here", str(tmp_path))
+    assert "nothing-here" in str(e.value)
+    rows = find_pool("mine", str(tmp_path))
+    assert [i for i, _ in select(rows, 1, 2, None, set())] == [1, 3, 5, 7, 9]
+    assert [i for i, _ in select(rows, 1, 2, 3, {3})] == [1, 5]
+
+
+def test_data_command_appends_and_resumes(tmp_path, tiny_target_dir, capsys):
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text(json.dumps({"turns": ["Who are you?", "And then?"], "source": "t"}) + "\n"
+                    + "".join(json.dumps({"turns": [f"Say {i}"], "source": "t"}) + "\n" for i in range(5)))
+    out = tmp_path / "out.jsonl.gz"
+    args = ["data", str(pool), "--target", str(tiny_target_dir), "--out", str(out), "--max-new-tokens", "6",
+            "--batch-size", "2", "--no-progress"]
+    assert main(args + ["--num-prompts", "3"]) == 0
+    assert [r["id"] for r in read_jsonl(out)] == [0, 1, 2]
+    assert main(args) == 0  # resumes: only ids 3..5 are new
+    rows = list(read_jsonl(out))
+    assert [r["id"] for r in rows] == [0, 1, 2, 3, 4, 5]
+    first = rows[0]
+    assert set(first) == {"id", "source", "messages", "finish", "new_tokens"}
+    assert [m["role"] for m in first["messages"]] == ["user", "assistant", "user", "assistant"]
+    assert first["finish"] in ("stop", "length") and 1 <= first["new_tokens"] <= 12
+    assert main(["data", "nope", "--out", str(out)]) == 2
+    assert "not found" in capsys.readouterr().err
