@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from dflash import DFlashDraftModel
+
+# the shared datasets: $DFLASH_DATA_DIR, else ../shared/datasets beside the checkout
+DATA_DIR = Path(os.environ.get("DFLASH_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
 
 # 20 varied prompts: arithmetic, reasoning, code, facts, writing, chat.
 PROMPTS = [

@@ -90,8 +90,13 @@ class TargetAdapter:
     def embed(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embedding(ids)
 
-    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden.to(self.head.weight.dtype))
+    def lm_head(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
+        """Logits of every token, or of the token ids in `vocab` only (in that order)."""
+        hidden = hidden.to(self.head.weight.dtype)
+        if vocab is None:
+            return self.head(hidden)
+        bias = None if self.head.bias is None else self.head.bias[vocab]
+        return torch.nn.functional.linear(hidden, self.head.weight[vocab], bias)
 
     def new_cache(self) -> Any:
         from transformers import DynamicCache

@@ -16,60 +16,13 @@ from typing import Any
 
 import torch
 
-from dflash.errors import DFlashError
-from dflash.train.dataset import open_text, read_jsonl
-
-DATA_DIR_ENV = "DFLASH_DATA_DIR"
+from dflash.datasets import find_rows, open_text, read_jsonl
 
 
 def find_pool(name: str, data_dir: str | None = None) -> list[dict[str, Any]]:
     """Rows (each with `turns`) of a prompt pool: a JSONL path, a NAME in the data directory
     (DATA_DIR/train/NAME.jsonl or DATA_DIR/NAME.jsonl), or a Hugging Face Hub dataset id."""
-    path = Path(name).expanduser()
-    if path.is_file():
-        return _checked(list(read_jsonl(path)), str(path))
-    folder = data_dir or os.environ.get(DATA_DIR_ENV)
-    tried = [f"a file {path}"]
-    if folder:
-        stem = name[: -len(".jsonl")] if name.endswith(".jsonl") else name
-        for candidate in (Path(folder) / "train" / f"{stem}.jsonl", Path(folder) / f"{stem}.jsonl"):
-            if candidate.is_file():
-                return _checked(list(read_jsonl(candidate)), str(candidate))
-        tried.append(f"a pool {stem}.jsonl in the data directory ({folder}/train or {folder})")
-    else:
-        tried.append(f"a pool in a data directory (none given: --data-dir or ${DATA_DIR_ENV})")
-    rows, why = _from_hub(name)
-    if rows is not None:
-        return _checked(rows, name)
-    tried.append(f"a Hub dataset {name!r} ({why})")
-    raise DFlashError(f"prompt pool {name!r} not found; tried " + "; ".join(tried))
-
-
-def _from_hub(name: str) -> tuple[list[dict[str, Any]] | None, str]:
-    """A Hub dataset's train split as `turns` rows, or (None, why not)."""
-    if name.startswith((".", "/", "~")) or name.count("/") != 1:
-        return None, "not a Hub id"
-    try:
-        import datasets
-    except ImportError:
-        return None, "the `datasets` package is not installed"
-    try:
-        ds = datasets.load_dataset(name, split="train")
-    except Exception as exc:  # offline, unknown id, gated: all the same to the user
-        return None, str(exc).splitlines()[0][:120]
-    rows = []
-    for r in ds:
-        turns = r.get("turns") or next((r[k] for k in ("prompt", "question", "instruction", "problem") if r.get(k)), None)
-        if turns:
-            rows.append({"turns": [turns] if isinstance(turns, str) else list(turns), "source": name})
-    return rows, "ok"
-
-
-def _checked(rows: list[dict[str, Any]], where: str) -> list[dict[str, Any]]:
-    for i, r in enumerate(rows):
-        if not isinstance(r.get("turns"), list) or not r["turns"]:
-            raise DFlashError(f"{where}: row {i} has no `turns` list of user messages")
-    return rows
+    return find_rows(name, data_dir, "train")
 
 
 def done_ids(out: Path) -> set[int]:

@@ -9,38 +9,14 @@ gets through part of an epoch never pays for the rest.
 from __future__ import annotations
 
 import glob
-import gzip
 import hashlib
-import json
-import zlib
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 
+from dflash.datasets import read_jsonl
 from dflash.errors import DFlashError
-
-
-def open_text(path: Path, mode: str = "rt"):
-    """A text handle on a plain or gzipped file (gzip by suffix)."""
-    if path.suffix == ".gz":
-        return gzip.open(path, mode, encoding="utf-8")
-    return open(path, mode, encoding="utf-8")
-
-
-def read_jsonl(path: Path) -> Iterator[dict[str, Any]]:
-    """Rows of a JSON-lines file, plain or gzipped (multi-member gzip included). A row cut by an
-    interrupted write at the very end is dropped, not fatal."""
-    with open_text(path) as f:
-        try:
-            for line in f:
-                if line.strip():
-                    try:
-                        yield json.loads(line)
-                    except json.JSONDecodeError:
-                        continue  # a partial last line
-        except (EOFError, zlib.error, gzip.BadGzipFile):
-            return  # a gzip member cut short by an interrupted write
 
 
 def expand_paths(patterns: list[str]) -> list[Path]:

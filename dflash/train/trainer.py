@@ -77,10 +77,17 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--block-size", type=int, default=16, help="tokens per training block (default 16)")
     g.add_argument("--mask-token-id", type=int, default=None,
                    help="mask token (default: 16 <empty_output> for SmolLM2, else the last vocabulary id)")
+    g.add_argument("--init-from", default=None, metavar="DRAFTER",
+                   help="start from this drafter's weights (a folder or Hub id; its layers, target layers and "
+                        "mask token are kept, --block-size applies): continue a released or earlier drafter")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--anchors-per-seq", type=int, default=32, help="random blocks per conversation (default 32)")
     g.add_argument("--gamma", type=float, default=None, help="loss decay over block positions (default 7 * B / 16)")
+    g.add_argument("--loss-vocab", type=int, default=0, metavar="K",
+                   help="compute the training loss over the K most frequent reply tokens (plus every label of "
+                        "the batch) instead of the whole vocabulary: the LM head dominates a CPU step, and this "
+                        "cuts it by vocab/K. Evaluation always uses the whole vocabulary. Default 0 = off")
     g.add_argument("--batch-size", type=int, default=1, help="conversations per forward, per process (default 1)")
     g.add_argument("--grad-accum", type=int, default=4, help="forwards per optimizer step (default 4)")
     g.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (default 6e-4)")
@@ -194,9 +201,10 @@ def make_batch(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], anc
 
 
 def forward_loss(drafter: Any, adapter: Any, batch: Batch, weights: torch.Tensor,
-                 stats: BlockStats | None = None) -> tuple[torch.Tensor, int]:
+                 stats: BlockStats | None = None, vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Weighted block loss of one batch, and the number of supervised positions; `stats` (if
-    given) collects accuracy and acceptance."""
+    given) collects accuracy and acceptance. With `vocab` (sorted token ids) the softmax ranges
+    over those ids and the batch's labels only (a sampled-softmax style shortcut for CPUs)."""
     device = adapter.device
     b, q = batch.tokens.shape
     with torch.no_grad():
@@ -214,18 +222,39 @@ def forward_loss(drafter: Any, adapter: Any, batch: Batch, weights: torch.Tensor
     n = int(valid.sum())
     if n == 0:
         return out.sum() * 0.0, 0
+    targets = labels[valid]
     with autocast:
-        logits = adapter.lm_head(out[valid])                             # [N, V]
+        if vocab is None:
+            logits = adapter.lm_head(out[valid])                         # [N, V]
+        else:
+            ids = torch.unique(torch.cat([vocab.to(device), targets]))   # sorted
+            logits = adapter.lm_head(out[valid], vocab=ids)              # [N, len(ids)]
+            targets = torch.searchsorted(ids, targets)
     w = weights.to(device).expand_as(labels)[valid]
-    loss = block_loss(logits, labels[valid], w)
+    loss = block_loss(logits, targets, w)
     if stats is not None:
         pred = torch.full_like(labels, -1)
-        pred[valid] = logits.argmax(-1)
+        pred[valid] = logits.argmax(-1) if vocab is None else ids[logits.argmax(-1)]
         stats.update(pred.view(-1, block_size - 1), labels.view(-1, block_size - 1))
     return loss, n
 
 
 # --- the trainer -------------------------------------------------------------------------------------
+
+def frequent_tokens(dataset: ConversationDataset, k: int, vocab_size: int, seed: int,
+                    sample: int = 2000) -> tuple[torch.Tensor, float]:
+    """The k most frequent supervised tokens in a random sample of the training conversations
+    (sorted ids) and the share of those tokens they cover. A small model's replies use a few
+    thousand tokens for almost all of their text."""
+    g = torch.Generator().manual_seed(seed)
+    rows = torch.randperm(len(dataset), generator=g)[:sample].tolist()
+    counts = torch.zeros(vocab_size)
+    for i in rows:
+        ids, mask = dataset[i]
+        counts.index_add_(0, ids[mask], torch.ones(int(mask.sum())))
+    top = counts.topk(min(k, int((counts > 0).sum())))
+    return top.indices.sort().values, float(top.values.sum() / counts.sum().clamp(min=1))
+
 
 def lr_lambda(max_steps: int, warmup: float, min_ratio: float):
     """Linear warm-up over `warmup` of the steps, then cosine decay to `min_ratio`."""
@@ -259,6 +288,9 @@ class Trainer:
         if state is not None:
             from dflash.config import DFlashConfig
             drafter = DFlashDraftModel(DFlashConfig.from_dict(state["config"]))
+        elif a.init_from:
+            drafter = DFlashDraftModel.from_pretrained(a.init_from, dtype="float32", device="cpu")
+            drafter.config.block_size = a.block_size
         else:
             torch.manual_seed(a.seed)
             mask_id = a.mask_token_id
@@ -276,6 +308,7 @@ class Trainer:
         self.features = TargetFeatures(self.model, self.config.target_layer_ids, a.feature_cache)
         self.adapter = self.features.adapter
         self.weights = loss_weights(self.block_size, a.gamma or default_gamma(self.block_size))
+        self.loss_vocab: torch.Tensor | None = None  # token ids the training loss ranges over
 
         rows = load_conversations(a.data)
         train_rows = [r for r in rows if not is_held_out(r, a.eval_fraction)]
@@ -301,6 +334,11 @@ class Trainer:
         self._order: list[int] | None = None
         if state is not None:
             self._load_state(state)
+        elif a.loss_vocab:
+            self.loss_vocab, covered = frequent_tokens(self.train_set, a.loss_vocab, self.adapter.vocab_size, a.seed)
+            if self.d.main:
+                print(f"dflash train: the loss ranges over the {len(self.loss_vocab)} most frequent reply tokens "
+                      f"(they cover {100 * covered:.2f}% of sampled reply tokens) plus each batch's labels", flush=True)
         self.stop_requested = False
 
     # --- state ------------------------------------------------------------------------------
@@ -331,6 +369,7 @@ class Trainer:
             "optimizer": opt,
             "scheduler": self.scheduler.state_dict(),
             "step": self.step, "epoch": self.epoch, "cursor": self.cursor, "best_tau": self.best_tau,
+            "loss_vocab": self.loss_vocab,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
             "args": {k: v for k, v in vars(self.args).items() if k != "func"},
@@ -347,6 +386,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.cursor = state["step"], state["epoch"], state["cursor"]
         self.best_tau = state.get("best_tau", -1.0)
+        self.loss_vocab = state.get("loss_vocab")
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
         if state["rng"].get("cuda") is not None and torch.cuda.is_available():
@@ -408,7 +448,7 @@ class Trainer:
             sync = j == len(micro) - 1 or self.d.world == 1
             ctx = self.ddp.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
-                loss, _ = forward_loss(self.ddp, self.adapter, batch, self.weights, stats)
+                loss, _ = forward_loss(self.ddp, self.adapter, batch, self.weights, stats, self.loss_vocab)
                 (loss / len(micro)).backward()
             total += loss.item() / len(micro)
         torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), a.clip)

@@ -8,7 +8,8 @@ import pytest
 from dflash.cli.main import main
 from dflash.errors import DFlashError
 from dflash.train.data import append_rows, done_ids, find_pool, select
-from dflash.train.dataset import is_held_out, read_jsonl, tokenize_conversation
+from dflash.datasets import read_jsonl
+from dflash.train.dataset import is_held_out, tokenize_conversation
 
 
 def test_loss_mask_covers_replies_and_their_end_of_turn(tokenizer):

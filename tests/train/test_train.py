@@ -129,3 +129,36 @@ def test_real_target_loss_falls_and_drafter_is_lossless(smollm, regen_file, tmp_
     want = greedy_reference(model, ids, 40)
     got = drafter.spec_generate(ids, max_new_tokens=40, target=model)
     assert torch.equal(got[:, : want.shape[1]], want)
+
+
+def test_loss_vocab_subset_matches_full_softmax_when_it_covers_everything(tiny_target_dir, regen_file, tmp_path):
+    """--loss-vocab: over every id the subset loss is the full loss; over fewer ids it is
+    smaller (a smaller partition function) but still finite and labelled right."""
+    trainer = T.Trainer(tiny_args(tiny_target_dir, regen_file, tmp_path / "run", "--loss-vocab", "50"))
+    assert trainer.loss_vocab is not None and len(trainer.loss_vocab) == 50
+    assert torch.equal(trainer.loss_vocab, trainer.loss_vocab.sort().values)
+    items, anchors = trainer.load_items(trainer.train_set, [0, 1], 0, 6)
+    batch = T.make_batch(items, anchors, trainer.block_size, trainer.config.mask_token_id)
+    everything = torch.arange(trainer.adapter.vocab_size)
+    full, n = T.forward_loss(trainer.drafter, trainer.adapter, batch, trainer.weights)
+    same, m = T.forward_loss(trainer.drafter, trainer.adapter, batch, trainer.weights, vocab=everything)
+    part, _ = T.forward_loss(trainer.drafter, trainer.adapter, batch, trainer.weights, vocab=trainer.loss_vocab)
+    assert n == m > 0
+    assert torch.allclose(full.detach(), same.detach(), atol=1e-5)
+    assert 0 < part.item() < full.item()
+    trainer.save()  # the subset is part of the state: a resumed run uses the same one
+    resumed = T.Trainer(tiny_args(tiny_target_dir, regen_file, tmp_path / "run", "--resume"))
+    assert torch.equal(resumed.loss_vocab, trainer.loss_vocab)
+
+
+def test_init_from_keeps_weights_and_takes_the_new_block_size(tiny_target_dir, regen_file, tmp_path):
+    first = T.Trainer(tiny_args(tiny_target_dir, regen_file, tmp_path / "a"))
+    first.train_step()
+    first.save()
+    second = T.Trainer(tiny_args(tiny_target_dir, regen_file, tmp_path / "b", "--init-from",
+                                 str(tmp_path / "a" / "drafter"), "--block-size", "3"))
+    assert second.block_size == 3 and second.weights.shape == (2,)
+    assert second.step == 0
+    for name, t in first.drafter.state_dict().items():
+        # saved in bf16 (the released format): equal to bf16 precision
+        assert torch.allclose(second.drafter.state_dict()[name], t, atol=1e-2, rtol=1e-2), name
