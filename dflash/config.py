@@ -14,6 +14,8 @@ from typing import Any
 # Files of a drafter checkpoint folder.
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+# optional: the token ids the drafter proposes from (a side file; vLLM and SGLang ignore it)
+DRAFT_VOCAB_FILE = "draft_vocab.json"
 ARCHITECTURE = "DFlashDraftModel"
 
 # Package-wide defaults.

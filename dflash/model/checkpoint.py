@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from dflash.config import CONFIG_FILE, WEIGHTS_FILE, DFlashConfig, tensor_names
+from dflash.config import CONFIG_FILE, DRAFT_VOCAB_FILE, WEIGHTS_FILE, DFlashConfig, tensor_names
 from dflash.errors import DFlashError
 from dflash.model.drafter import DFlashDraftModel, RotaryEmbedding
 
@@ -46,7 +46,7 @@ def _local_folder(name_or_path: str) -> Path:
     try:  # a Hub id such as z-lab/Qwen3-8B-DFlash-b16
         from huggingface_hub import snapshot_download
 
-        return Path(snapshot_download(name_or_path, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE]))
+        return Path(snapshot_download(name_or_path, allow_patterns=[CONFIG_FILE, WEIGHTS_FILE, DRAFT_VOCAB_FILE]))
     except Exception as exc:  # offline, unknown repo, gated repo: one clear message
         raise DFlashError(
             f"{name_or_path!r} is not a local folder and could not be fetched from the Hugging Face Hub "
@@ -95,7 +95,22 @@ def load_drafter(name_or_path: str | os.PathLike, dtype: torch.dtype | str | Non
                               f"the config implies {tuple(param.shape)}")
     model.load_state_dict(state, strict=True, assign=True)
     model.rotary_emb = RotaryEmbedding(config)  # its buffer is computed, not stored
+    model.draft_vocab = read_draft_vocab(folder, config.vocab_size)
     return model.to(device=device_, dtype=resolve_dtype(dtype, device_)).eval()
+
+
+def read_draft_vocab(folder: Path, vocab_size: int) -> torch.Tensor | None:
+    """The optional draft vocabulary: sorted, distinct token ids below vocab_size."""
+    path = folder / DRAFT_VOCAB_FILE
+    if not path.exists():
+        return None
+    try:
+        ids = torch.tensor(json.loads(path.read_text())["token_ids"], dtype=torch.long)
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise DFlashError(f"{path} is not a draft vocabulary ({{\"token_ids\": [...]}}): {exc}") from None
+    if ids.dim() != 1 or len(ids) == 0 or int(ids.min()) < 0 or int(ids.max()) >= vocab_size:
+        raise DFlashError(f"{path}: token ids must be a non-empty list within the vocabulary (0..{vocab_size - 1})")
+    return torch.unique(ids)
 
 
 def save_drafter(model: DFlashDraftModel, path: str | os.PathLike) -> None:
@@ -111,3 +126,10 @@ def save_drafter(model: DFlashDraftModel, path: str | os.PathLike) -> None:
     tmp_config = folder / (CONFIG_FILE + ".tmp")
     tmp_config.write_text(json.dumps(model.config.to_dict(), indent=2) + "\n")
     os.replace(tmp_config, folder / CONFIG_FILE)
+    vocab_path = folder / DRAFT_VOCAB_FILE
+    if getattr(model, "draft_vocab", None) is not None:
+        tmp_vocab = folder / (DRAFT_VOCAB_FILE + ".tmp")
+        tmp_vocab.write_text(json.dumps({"token_ids": model.draft_vocab.tolist()}) + "\n")
+        os.replace(tmp_vocab, vocab_path)
+    elif vocab_path.exists():
+        vocab_path.unlink()  # a stale vocabulary from an earlier save would mislead

@@ -201,6 +201,9 @@ class DFlashDraftModel(nn.Module):
         self.layers = nn.ModuleList(DFlashDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(h, config.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(config)
+        # Token ids drafts are chosen from (None = the whole vocabulary). A drafter trained with a
+        # frequent-token loss proposes from those tokens only: its LM head shrinks by vocab/K.
+        self.draft_vocab: torch.Tensor | None = None
 
     # --- properties the engine needs ---------------------------------------------------------
 
@@ -270,7 +273,12 @@ class DFlashDraftModel(nn.Module):
         positions = torch.arange(cache.length, start + n_block, device=self.device)
         noise = target.embed(block_ids).to(self.dtype)
         hidden = self(noise, context_features.to(self.dtype), positions[:n_ctx], positions[n_ctx:], cache)
-        return target.lm_head(hidden[:, 1:])
+        if self.draft_vocab is None:
+            return target.lm_head(hidden[:, 1:])
+        vocab = self.draft_vocab.to(hidden.device)
+        small = target.lm_head(hidden[:, 1:], vocab=vocab)
+        logits = small.new_full((*small.shape[:-1], target.vocab_size), float("-inf"))
+        return logits.index_copy_(-1, vocab, small)  # tokens outside the draft vocabulary are never proposed
 
     # --- construction and checkpoints --------------------------------------------------------
 

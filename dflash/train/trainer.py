@@ -87,7 +87,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--loss-vocab", type=int, default=0, metavar="K",
                    help="compute the training loss over the K most frequent reply tokens (plus every label of "
                         "the batch) instead of the whole vocabulary: the LM head dominates a CPU step, and this "
-                        "cuts it by vocab/K. Evaluation always uses the whole vocabulary. Default 0 = off")
+                        "cuts it by vocab/K. The drafter then proposes from those K tokens (draft_vocab.json "
+                        "beside its weights), which also makes drafting cheaper. Default 0 = off")
     g.add_argument("--batch-size", type=int, default=1, help="conversations per forward, per process (default 1)")
     g.add_argument("--grad-accum", type=int, default=4, help="forwards per optimizer step (default 4)")
     g.add_argument("--lr", type=float, default=6e-4, help="peak learning rate (default 6e-4)")
@@ -338,7 +339,9 @@ class Trainer:
             self.loss_vocab, covered = frequent_tokens(self.train_set, a.loss_vocab, self.adapter.vocab_size, a.seed)
             if self.d.main:
                 print(f"dflash train: the loss ranges over the {len(self.loss_vocab)} most frequent reply tokens "
-                      f"(they cover {100 * covered:.2f}% of sampled reply tokens) plus each batch's labels", flush=True)
+                      f"(they cover {100 * covered:.2f}% of sampled reply tokens) plus each batch's labels; "
+                      "the drafter proposes from them", flush=True)
+        self.drafter.draft_vocab = self.loss_vocab  # saved beside the weights; decoding and evaluation use it
         self.stop_requested = False
 
     # --- state ------------------------------------------------------------------------------
@@ -461,14 +464,15 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict[str, Any]:
         """Loss, per-position accuracy and simulated acceptance length on the held-out rows
-        (fixed anchors, so evaluations are comparable)."""
+        (fixed anchors, so evaluations are comparable), over the vocabulary the drafter proposes
+        from."""
         self.drafter.eval()
         stats = BlockStats.zeros(self.block_size)
         loss_sum = torch.zeros(2)
         for i in range(self.d.rank, len(self.eval_set), self.d.world):
             items, anchors = self.load_items(self.eval_set, [i], -1, self.args.anchors_per_seq)
             batch = make_batch(items, anchors, self.block_size, self.config.mask_token_id)
-            loss, n = forward_loss(self.drafter, self.adapter, batch, self.weights, stats)
+            loss, n = forward_loss(self.drafter, self.adapter, batch, self.weights, stats, self.loss_vocab)
             loss_sum += torch.tensor([float(loss) * n, n])
         self.drafter.train()
         if self.d.world > 1:

@@ -154,3 +154,36 @@ def test_broken_checkpoints_are_refused_clearly(drafter, tmp_path):
     (tmp_path / "config.json").write_text("{not json")
     with pytest.raises(DFlashError, match="not valid JSON"):
         DFlashDraftModel.from_pretrained(str(tmp_path))
+
+
+def test_draft_vocabulary_round_trips_and_limits_proposals(tmp_path):
+    """draft_vocab.json beside the weights: proposals come from those ids only, decoding stays
+    lossless, and a save without a vocabulary removes a stale file."""
+    from dflash import generate
+    from helpers import greedy_reference, tiny_target
+
+    target = tiny_target("llama", vocab=128)
+    torch.manual_seed(0)
+    drafter = DFlashDraftModel.from_target(target, num_layers=1, block_size=4)
+    drafter.draft_vocab = torch.arange(0, 128, 3)
+    drafter.save_pretrained(str(tmp_path / "d"))
+    loaded = DFlashDraftModel.from_pretrained(str(tmp_path / "d"), dtype="float32", device="cpu")
+    assert torch.equal(loaded.draft_vocab, torch.arange(0, 128, 3))
+    from dflash.target.adapter import TargetAdapter
+
+    adapter = TargetAdapter(target, loaded.config.target_layer_ids)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    feats = adapter.forward(ids, adapter.new_cache()).features
+    logits = loaded.propose(adapter, torch.tensor([[9, 1, 1, 1]]), feats, loaded.new_cache())
+    assert logits.shape == (1, 3, 128)
+    assert bool((logits.argmax(-1) % 3 == 0).all())
+    assert torch.isinf(logits[..., 1]).all()
+    want = greedy_reference(target, ids, 24)
+    got = generate(target, loaded, ids, max_new_tokens=24, block_size=4).output_ids
+    assert torch.equal(got, want)
+    loaded.draft_vocab = None
+    loaded.save_pretrained(str(tmp_path / "d"))
+    assert not (tmp_path / "d" / "draft_vocab.json").exists()
+    (tmp_path / "d" / "draft_vocab.json").write_text('{"token_ids": [1, 999]}')
+    with pytest.raises(DFlashError, match="within the vocabulary"):
+        DFlashDraftModel.from_pretrained(str(tmp_path / "d"))
