@@ -114,6 +114,25 @@ class DraftCache:
     def crop(self, length: int) -> None:
         self.length = min(self.length, length)
 
+    # ragged batches: the batch engine tracks which slots each row owns
+    def add_rows(self, n: int) -> None:
+        """n more rows, owning none of the existing slots (zeros there)."""
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                store[i] = torch.cat([t, t.new_zeros((n,) + t.shape[1:])])
+
+    def gather(self, rows: torch.Tensor, slots: torch.Tensor | None = None) -> None:
+        """Keep `rows`, and of each only `slots` ([len(rows), n], n becomes the length)."""
+        for store in (self.keys, self.values):
+            for i, t in enumerate(store):
+                t = t[rows]
+                if slots is not None:
+                    index = slots.to(t.device)[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
+                    t = torch.gather(t[:, :, : self.length], 2, index)
+                store[i] = t
+        if slots is not None:
+            self.length = slots.shape[1]
+
 
 class DFlashAttention(nn.Module):
     def __init__(self, config: DFlashConfig, layer_idx: int) -> None:
@@ -157,6 +176,8 @@ class DFlashAttention(nn.Module):
                 context_len = k.shape[2] - n
                 first = max(0, context_len - self.window)
                 k, v = k[:, :, first:], v[:, :, first:]
+                if attn_mask is not None:
+                    attn_mask = attn_mask[..., first:]
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(b, n, self.num_heads * self.head_dim))
 
@@ -263,16 +284,22 @@ class DFlashDraftModel(nn.Module):
     def propose(
         self,
         target: Any,                # dflash.target.TargetAdapter: embedding table and LM head
-        block_ids: torch.Tensor,    # [1, B]: anchor then masks
-        context_features: torch.Tensor,  # [1, n_new, len(ids) * hidden]
+        block_ids: torch.Tensor,    # [b, B]: anchor then masks
+        context_features: torch.Tensor,  # [b, n_new, len(ids) * hidden]
         cache: DraftCache,
+        positions: tuple[torch.Tensor, torch.Tensor] | None = None,  # ([b, n_new], [b, B]) for ragged rows
+        attn_mask: torch.Tensor | None = None,  # [b, 1, B, keys] bool: which cached/new keys each row sees
     ) -> torch.Tensor:
-        """Draft logits for block positions 1..B-1 ([1, B-1, vocab]) in one pass."""
+        """Draft logits for block positions 1..B-1 ([b, B-1, vocab]) in one pass. One sequence
+        needs no positions (they follow the cache); a ragged batch passes its own, and a mask
+        hiding the slots a row does not own."""
         n_ctx, n_block = context_features.shape[1], block_ids.shape[1]
-        start = cache.length + n_ctx
-        positions = torch.arange(cache.length, start + n_block, device=self.device)
+        if positions is None:
+            start = cache.length + n_ctx
+            span = torch.arange(cache.length, start + n_block, device=self.device)
+            positions = (span[:n_ctx], span[n_ctx:])
         noise = target.embed(block_ids).to(self.dtype)
-        hidden = self(noise, context_features.to(self.dtype), positions[:n_ctx], positions[n_ctx:], cache)
+        hidden = self(noise, context_features.to(self.dtype), positions[0], positions[1], cache, attn_mask)
         if self.draft_vocab is None:
             return target.lm_head(hidden[:, 1:])
         vocab = self.draft_vocab.to(hidden.device)

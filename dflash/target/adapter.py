@@ -110,11 +110,14 @@ class TargetAdapter:
         return cache
 
     @torch.no_grad()
-    def forward(self, ids: torch.Tensor, cache: Any, logits_to_keep: int = 0,
-                features: bool = True) -> TargetOutput:
-        """Run `ids` ([batch, n]) after what `cache` holds; append them to the cache."""
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True,
-                         output_hidden_states=features, logits_to_keep=logits_to_keep)
+    def forward(self, ids: torch.Tensor, cache: Any, logits_to_keep: int = 0, features: bool = True,
+                attention_mask: torch.Tensor | None = None,
+                position_ids: torch.Tensor | None = None) -> TargetOutput:
+        """Run `ids` ([batch, n]) after what `cache` holds; append them to the cache. A ragged
+        batch passes `attention_mask` ([batch, cached + n], 0 for slots a row does not own) and
+        its own `position_ids`."""
+        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, attention_mask=attention_mask,
+                         position_ids=position_ids, output_hidden_states=features, logits_to_keep=logits_to_keep)
         feats = None
         if features:
             feats = torch.cat([out.hidden_states[i + 1] for i in self.layer_ids], dim=-1)
@@ -125,3 +128,38 @@ class TargetAdapter:
         surplus = cache.get_seq_length() - length
         if surplus > 0:
             cache.crop(-surplus)  # transformers >= 5.2x: a negative count of tokens to drop
+
+    # --- ragged batches: rows of one cache, each owning some of its slots ----------------------
+
+    def cache_tensors(self, cache: Any) -> list[Any]:
+        """The per-layer key/value holders of a cache that batched decoding can edit, or a
+        refusal naming the model type (sliding-window and recurrent caches are not plain
+        tensors over every position)."""
+        layers = getattr(cache, "layers", None)
+        if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
+            kinds = sorted({type(layer).__name__ for layer in layers or []})
+            raise UnsupportedTargetError(
+                f"model type {self.model_type!r} ({', '.join(kinds) or 'no cache layers'}): batched decoding "
+                "needs a full-attention KV cache; decode one sequence at a time instead")
+        return layers
+
+    def cache_merge(self, cache: Any, other: Any, pad_cache: int, pad_other: int) -> None:
+        """Append the rows of `other` to `cache`, left-padding `cache` by `pad_cache` slots and
+        `other` by `pad_other` (so both span the same length); padded slots hold zeros."""
+        def pad(t: torch.Tensor, n: int) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, 0, n, 0)) if n else t
+
+        for mine, theirs in zip(self.cache_tensors(cache), self.cache_tensors(other)):
+            mine.keys = torch.cat([pad(mine.keys, pad_cache), pad(theirs.keys, pad_other)])
+            mine.values = torch.cat([pad(mine.values, pad_cache), pad(theirs.values, pad_other)])
+
+    def cache_gather(self, cache: Any, rows: torch.Tensor, slots: torch.Tensor | None = None) -> None:
+        """Keep `rows` of the cache, and of each only `slots` ([len(rows), n] slot indices)."""
+        for layer in self.cache_tensors(cache):
+            for name in ("keys", "values"):
+                t = getattr(layer, name)[rows]
+                if slots is not None:
+                    index = slots.to(t.device)[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
+                    t = torch.gather(t, 2, index)
+                setattr(layer, name, t)
+
