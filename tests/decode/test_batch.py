@@ -55,7 +55,7 @@ def test_oracle_drafter_accepts_in_full_and_in_part_per_row():
     refs = {i: greedy_reference(target, torch.tensor([p]), 48) for i, p in enumerate(PROMPTS[:4])}
 
     class RowOracle(DFlashDraftModel):
-        """Proposes each row's true continuation, wrong at every 3rd step for odd rows."""
+        """Proposes each row's true continuation; odd rows get draft 2 wrong every other step."""
         def propose(self, target_adapter, block_ids, context_features, cache, positions=None, attn_mask=None):
             logits = super().propose(target_adapter, block_ids, context_features, cache, positions, attn_mask)
             starts = positions[1][:, 0].tolist()
@@ -65,7 +65,7 @@ def test_oracle_drafter_accepts_in_full_and_in_part_per_row():
                 for k in range(1, block_ids.shape[1]):
                     pos = start + k
                     tok = int(ref[pos]) if pos < ref.shape[0] else 0
-                    if rid % 2 == 1 and (start // 3) % 2 == 0 and k == 2:
+                    if rid % 2 == 1 and start % 4 == 3 and k == 2:
                         tok = (tok + 1) % target_adapter.vocab_size
                     logits[b, k - 1] = -1e4
                     logits[b, k - 1, tok] = 1e4
