@@ -95,17 +95,18 @@ class BatchEngine:
                               f"{self.adapter.max_positions}: shorten it")
         self.waiting.append(request)
 
-    def cancel(self, rid: Hashable) -> bool:
-        """Drop a request (waiting or running); True if it was there."""
+    def cancel(self, rid: Hashable) -> GenerationStats | None:
+        """Drop a request, waiting or running; returns its stats so far (None if unknown)."""
         for r in list(self.waiting):
             if r.rid == rid:
                 self.waiting.remove(r)
-                return True
-        keep = [i for i, row in enumerate(self.rows) if row.request.rid != rid]
-        if len(keep) == len(self.rows):
-            return False
-        self._keep_rows(keep)
-        return True
+                return GenerationStats(prompt_tokens=len(r.input_ids), block_size=self.block_size)
+        index = next((i for i, row in enumerate(self.rows) if row.request.rid == rid), None)
+        if index is None:
+            return None
+        stats = self._finish(self.rows[index])
+        self._keep_rows([i for i in range(len(self.rows)) if i != index])
+        return stats
 
     @property
     def idle(self) -> bool:

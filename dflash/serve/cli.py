@@ -36,6 +36,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes")
+    p.add_argument("--max-batch-size", type=int, default=8,
+                   help="sequences decoded together per step (continuous batching; default 8)")
     p.add_argument("--max-queue", type=int, default=64,
                    help="requests queued or running before new ones get 503 (default 64)")
     p.add_argument("--log-level", default="warning", choices=["critical", "error", "warning", "info", "debug"])
@@ -95,7 +97,8 @@ def build(args: argparse.Namespace) -> tuple[Any, str]:
         raise DFlashError(f"--block-size {block} exceeds the {drafter.block_size} this drafter was trained for")
     scheduler = Scheduler(model, drafter if block > 1 else None, tokenizer, block_size=block,
                           stop_token_ids=stop_token_ids(tokenizer, model),
-                          max_queue=getattr(args, "max_queue", 64), metrics=ServerMetrics())
+                          max_queue=getattr(args, "max_queue", 64),
+                          max_batch_size=getattr(args, "max_batch_size", 8), metrics=ServerMetrics())
     name = getattr(args, "served_model_name", None) or args.target or DEFAULT_TARGET
     return scheduler, name
 
@@ -106,8 +109,8 @@ def run_serve(args: argparse.Namespace) -> int:
     from dflash.serve.app import create_app
 
     apply_speculative_config(args)
-    if args.max_queue < 1 or not 0 < args.port < 65536:
-        raise DFlashError("--max-queue must be at least 1 and --port in 1..65535")
+    if args.max_queue < 1 or args.max_batch_size < 1 or not 0 < args.port < 65536:
+        raise DFlashError("--max-queue and --max-batch-size must be at least 1 and --port in 1..65535")
     scheduler, name = build(args)
     aliases = tuple(x for x in (args.target, DEFAULT_TARGET if args.target is None else None) if x)
     app = create_app(scheduler, name, api_key=args.api_key, aliases=aliases)

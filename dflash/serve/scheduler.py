@@ -1,24 +1,26 @@
-"""The serving scheduler: a bounded queue of requests and one worker thread that decodes them
-with the engine, streaming text deltas back to the asyncio side.
+"""The serving scheduler: a bounded queue of requests and one worker thread that runs the batched
+engine, streaming text deltas back to the asyncio side.
 
-Requests are decoded one at a time in arrival order (the single-sequence engine); the queue
-bounds memory and latency, a full queue is refused at once, and a cancelled request (client gone)
-stops at its next step and frees the worker.
+Continuous batching: requests join the running batch between steps (up to --max-batch-size) and
+leave when they stop, hit a stop string, or their client goes away. A full queue is refused at
+once; a cancelled request leaves the batch at the next step and frees its slot.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import queue
 import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 import torch
 
-from dflash.decode.engine import GenerationStats, stream
+from dflash.decode.batch import BatchEngine, BatchRequest
+from dflash.decode.engine import GenerationStats
 from dflash.decode.sampling import SamplingParams
+from dflash.errors import DFlashError
 
 
 class QueueFull(Exception):
@@ -36,7 +38,8 @@ class GenerationRequest:
 
 @dataclass
 class Delta:
-    """New text; on the last delta `finish` is "stop" or "length" and `stats` is filled."""
+    """New text; on the last delta `finish` is "stop", "length", "cancelled" or "error" and
+    `stats` is filled."""
 
     text: str
     finish: str | None = None
@@ -52,7 +55,6 @@ class RequestHandle:
         self._loop = loop
         self._queue: asyncio.Queue[Delta] = asyncio.Queue()
         self.cancelled = threading.Event()
-        self.enqueued = time.perf_counter()
 
     def push(self, delta: Delta) -> None:  # called from the worker thread
         self._loop.call_soon_threadsafe(self._queue.put_nowait, delta)
@@ -68,19 +70,60 @@ class RequestHandle:
                 return
 
 
+class TextStream:
+    """Token ids in, text deltas out: holds back an incomplete multi-byte character and any tail
+    that could still become a stop string; reports where a stop string cut the text."""
+
+    def __init__(self, tokenizer: Any, stop_strings: list[str], skip: set[int]) -> None:
+        self.tokenizer, self.stops, self.skip = tokenizer, stop_strings, skip
+        self.tokens: list[int] = []
+        self.sent = ""
+        self.hold = max((len(s) for s in stop_strings), default=1) - 1
+
+    def add(self, tokens: list[int]) -> tuple[str, bool]:
+        """(new text to send, whether a stop string ended the text)."""
+        self.tokens += [t for t in tokens if t not in self.skip]
+        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        hits = [i for i in (text.find(s, max(0, len(self.sent) - self.hold)) for s in self.stops) if i >= 0]
+        if hits:
+            return self._emit(text[: min(hits)]), True
+        ready = text.rstrip("\ufffd")  # a multi-byte character not complete yet
+        if self.stops:
+            ready = ready[: max(len(self.sent), len(ready) - self.hold)]
+        return self._emit(ready), False
+
+    def flush(self) -> str:
+        return self._emit(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
+
+    def _emit(self, text: str) -> str:
+        delta = text[len(self.sent):] if len(text) > len(self.sent) else ""
+        self.sent = max(self.sent, text, key=len)
+        return delta
+
+
+@dataclass
+class _Live:
+    handle: RequestHandle
+    text: TextStream
+
+
 class Scheduler:
     """Owns the models; `submit` from the event loop, decoding happens on the worker thread."""
 
     def __init__(self, target: Any, drafter: Any, tokenizer: Any, *, block_size: int, stop_token_ids: list[int],
-                 max_queue: int = 64, metrics: Any = None) -> None:
+                 max_queue: int = 64, max_batch_size: int = 8, metrics: Any = None) -> None:
         self.target, self.drafter, self.tokenizer = target, drafter, tokenizer
-        self.block_size = block_size
+        self.block_size = block_size if drafter is not None else 1
         self.stop_token_ids = stop_token_ids
         self.metrics = metrics
         self.max_queue = max_queue
-        self._queue: queue.Queue[RequestHandle | None] = queue.Queue()
+        self.engine = BatchEngine(target, drafter if self.block_size > 1 else None, block_size=self.block_size,
+                                  stop_token_ids=stop_token_ids, max_batch_size=max_batch_size)
+        self._inbox: queue.Queue[RequestHandle | None] = queue.Queue()
         self._pending = 0          # queued + running
         self._lock = threading.Lock()
+        self._ids = itertools.count()
+        self._closing = False
         self._thread = threading.Thread(target=self._work, name="dflash-decoder", daemon=True)
         self._thread.start()
 
@@ -95,73 +138,79 @@ class Scheduler:
                                 f"(--max-queue {self.max_queue}); retry later")
             self._pending += 1
         handle = RequestHandle(request, asyncio.get_running_loop())
-        self._queue.put(handle)
+        self._inbox.put(handle)
         self._gauge()
         return handle
 
     def close(self) -> None:
-        self._queue.put(None)
+        self._inbox.put(None)
         self._thread.join(timeout=30)
 
     def _gauge(self) -> None:
         if self.metrics is not None:
             self.metrics.queue_depth.set(self._pending)
 
-    def _work(self) -> None:
-        while True:
-            handle = self._queue.get()
-            if handle is None:
-                return
-            try:
-                if not handle.cancelled.is_set():
-                    self._decode(handle)
-                else:
-                    handle.push(Delta("", finish="cancelled"))
-            except Exception as exc:  # a bug or out-of-memory: fail this request, keep serving
-                handle.push(Delta("", finish="error", error=f"{type(exc).__name__}: {exc}"))
-            finally:
-                with self._lock:
-                    self._pending -= 1
-                self._gauge()
+    # --- the worker thread ----------------------------------------------------------------------
 
-    def _decode(self, handle: RequestHandle) -> None:
-        r = handle.request
-        stats = GenerationStats()
-        generator = None
-        if not r.sampling.greedy and r.seed is not None:
-            generator = torch.Generator(device=self.target.device).manual_seed(r.seed)
-        block_size = self.block_size if self.drafter is not None else 1
-        tokens: list[int] = []
-        sent = ""
-        finish = "length"
-        hold = max((len(s) for s in r.stop_strings), default=1) - 1  # a stop string may be arriving
-        steps = stream(self.target, self.drafter if block_size > 1 else None, [r.input_ids],
-                       max_new_tokens=r.max_new_tokens, sampling=r.sampling, block_size=block_size,
-                       stop_token_ids=self.stop_token_ids, generator=generator, stats=stats)
-        for new in steps:
-            if handle.cancelled.is_set():
-                finish = "cancelled"
-                break
-            tokens += [t for t in new if t not in self.stop_token_ids]
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            cut = min((i for i in (text.find(s, max(0, len(sent) - hold)) for s in r.stop_strings) if i >= 0),
-                      default=-1)
-            if cut >= 0:
-                text, finish = text[:cut], "stop"
-                handle.push(Delta(text[len(sent):]))
-                sent = text
-                break
-            ready = text.rstrip("\ufffd")  # a multi-byte character not complete yet
-            ready = ready[: max(len(sent), len(ready) - hold)] if r.stop_strings else ready
-            if len(ready) > len(sent):
-                handle.push(Delta(ready[len(sent):]))
-                sent = ready
-        else:
-            finish = stats.finish_reason
-            text = self.tokenizer.decode(tokens, skip_special_tokens=True)
-            if len(text) > len(sent):
-                handle.push(Delta(text[len(sent):]))
-        steps.close()  # a loop left early: end the generator now (it records the timings)
+    def _work(self) -> None:
+        live: dict[int, _Live] = {}
+        while not self._closing:
+            self._take_new(live, block=self.engine.idle)
+            for rid, item in list(live.items()):
+                if item.handle.cancelled.is_set():
+                    self._end(live, rid, "cancelled", self.engine.cancel(rid))
+            if self.engine.idle:
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as exc:  # a bug or out-of-memory: fail the batch, keep serving
+                for rid in list(live):
+                    self.engine.cancel(rid)
+                    self._end(live, rid, "error", None, f"{type(exc).__name__}: {exc}")
+                continue
+            for out in outputs:
+                item = live.get(out.rid)
+                if item is None:
+                    continue
+                text, stopped = item.text.add(out.tokens)
+                if text:
+                    item.handle.push(Delta(text))
+                if stopped:
+                    self._end(live, out.rid, "stop", out.stats or self.engine.cancel(out.rid))
+                elif out.finished:
+                    tail = item.text.flush()
+                    if tail:
+                        item.handle.push(Delta(tail))
+                    self._end(live, out.rid, out.stats.finish_reason, out.stats)
+
+    def _take_new(self, live: dict[int, _Live], block: bool) -> None:
+        while True:
+            try:
+                handle = self._inbox.get(block=block, timeout=None if block else 0)
+            except queue.Empty:
+                return
+            block = False
+            if handle is None:
+                self._closing = True
+                return
+            rid = next(self._ids)
+            live[rid] = _Live(handle, TextStream(self.tokenizer, handle.request.stop_strings, set(self.stop_token_ids)))
+            r = handle.request
+            generator = None
+            if not r.sampling.greedy and r.seed is not None:
+                generator = torch.Generator(device=self.engine.device).manual_seed(r.seed)
+            try:
+                self.engine.add(BatchRequest(rid, r.input_ids, r.max_new_tokens, r.sampling, generator))
+            except DFlashError as exc:
+                self._end(live, rid, "error", None, str(exc))
+
+    def _end(self, live: dict[int, _Live], rid: int, finish: str, stats: GenerationStats | None,
+             error: str | None = None) -> None:
+        item = live.pop(rid)
+        stats = stats or GenerationStats(prompt_tokens=len(item.handle.request.input_ids))
         if self.metrics is not None:
             self.metrics.observe(stats, finish)
-        handle.push(Delta("", finish=finish, stats=stats))
+        item.handle.push(Delta("", finish=finish, stats=stats, error=error))
+        with self._lock:
+            self._pending -= 1
+        self._gauge()

@@ -33,7 +33,7 @@ def start_server(scheduler, name, api_key=None):
 
 def serve_args(target, draft, **kw):
     base = dict(target=str(target), draft=str(draft) if draft else None, device="cpu", dtype=None,
-                block_size=None, max_queue=64, served_model_name="tiny", model_positional=None)
+                block_size=None, max_queue=64, max_batch_size=8, served_model_name="tiny", model_positional=None)
     return argparse.Namespace(**{**base, **kw})
 
 
