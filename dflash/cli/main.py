@@ -19,6 +19,7 @@ SUBCOMMAND_MODULES = (
     "dflash.train.cli",
     "dflash.bench.cli",
     "dflash.serve.cli",
+    "dflash.cli.export",
 )
 
 
