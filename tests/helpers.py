@@ -74,21 +74,48 @@ def greedy_reference(model, input_ids: torch.Tensor, max_new_tokens: int, eos: i
     return out
 
 
+# Per-family sizes on top of the common tiny shape: a few experts, short windows and small
+# linear-attention heads, so that every code path (routing, sliding windows, recurrent state,
+# latent attention) runs in seconds on CPU.
+_MOE = dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32)
+_LINEAR = dict(linear_conv_kernel_dim=4, linear_key_head_dim=16, linear_value_head_dim=16,
+               linear_num_key_heads=2, linear_num_value_heads=4)
+_HYBRID_LAYERS = ["linear_attention", "full_attention", "linear_attention", "full_attention"]
+FAMILY_CONFIGS = {
+    "llama": ("LlamaConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {}),
+    "mistral": ("MistralConfig", dict(sliding_window=16)),
+    "glm4": ("Glm4Config", {}),
+    "qwen3_moe": ("Qwen3MoeConfig", _MOE),
+    "glm4_moe": ("Glm4MoeConfig", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                        n_shared_experts=1, first_k_dense_replace=1)),
+    "gpt_oss": ("GptOssConfig", dict(num_local_experts=4, num_experts_per_tok=2, intermediate_size=64,
+                                      sliding_window=8)),  # alternating sliding / full layers, sinks
+    "deepseek_v3": ("DeepseekV3Config", dict(n_routed_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+                                              n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
+                                              kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+                                              qk_nope_head_dim=8, v_head_dim=16, num_key_value_heads=4, head_dim=8,
+                                              rope_parameters={"rope_type": "default", "rope_theta": 10000.0})),
+    "qwen3_5": ("Qwen3_5TextConfig", dict(_LINEAR, layer_types=_HYBRID_LAYERS)),
+    "qwen3_5_moe": ("Qwen3_5MoeTextConfig", dict(_LINEAR, **_MOE, shared_expert_intermediate_size=32,
+                                                 layer_types=_HYBRID_LAYERS)),
+    "qwen3_next": ("Qwen3NextConfig", dict(_LINEAR, **_MOE, shared_expert_intermediate_size=32,
+                                           layer_types=_HYBRID_LAYERS)),
+}
+
+
 def tiny_config(family: str, vocab: int = 128, **overrides):
-    """A 2-layer, 64-wide config of a transformers family (random weights: seconds on CPU)."""
+    """A 4-layer, 64-wide config of a transformers family (random weights: seconds on CPU)."""
     import transformers
 
-    cls = {
-        "llama": transformers.LlamaConfig,
-        "qwen2": transformers.Qwen2Config,
-        "qwen3": transformers.Qwen3Config,
-        "mistral": transformers.MistralConfig,
-    }[family]
+    cls_name, extra = FAMILY_CONFIGS[family]
     kw = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
               num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
               tie_word_embeddings=False, bos_token_id=None, eos_token_id=None, pad_token_id=0)
+    kw.update(extra)
     kw.update(overrides)
-    return cls(**kw)
+    return getattr(transformers, cls_name)(**kw)
 
 
 def tiny_target(family: str = "llama", seed: int = 0, init_std: float = 0.1, **overrides):

@@ -71,6 +71,7 @@ class BatchEngine:
         self.adapter = TargetAdapter.wrap(target, drafter.config.target_layer_ids if self.drafting else [])
         if self.drafting:
             self.adapter.check_drafter(drafter.config)
+        self.adapter.cache_tensors(self.adapter.new_cache())  # refuse windowed / recurrent caches now
         self.drafter = drafter if self.drafting else None
         self.block_size = block_size
         self.stops = set(stop_token_ids)

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from dflash.errors import IncompatibleDrafterError, UnsupportedTargetError
+from dflash.target.rollback import CacheRollback
 
 
 @dataclass
@@ -98,16 +99,18 @@ class TargetAdapter:
         bias = None if self.head.bias is None else self.head.bias[vocab]
         return torch.nn.functional.linear(hidden, self.head.weight[vocab], bias)
 
-    def new_cache(self) -> Any:
-        from transformers import DynamicCache
+    @property
+    def _rollback(self) -> CacheRollback:
+        """The target's cache layout (one per model: it hooks the recurrent mixers once)."""
+        rollback = getattr(self.model, "_dflash_rollback", None)
+        if rollback is None:
+            rollback = CacheRollback(self.model, self.model_type)
+            self.model._dflash_rollback = rollback
+        return rollback
 
-        cache = DynamicCache(config=self.model.config)
-        if not getattr(cache, "is_croppable", True):
-            raise UnsupportedTargetError(
-                f"model type {self.model_type!r}: its cache cannot be rolled back after a rejected "
-                "draft, so speculative decoding would be wrong; it is not supported yet"
-            )
-        return cache
+    def new_cache(self) -> Any:
+        """An empty cache that `rollback` can cut back, or a refusal naming the model type."""
+        return self._rollback.new_cache()
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, cache: Any, logits_to_keep: int = 0, features: bool = True,
@@ -116,18 +119,23 @@ class TargetAdapter:
         """Run `ids` ([batch, n]) after what `cache` holds; append them to the cache. A ragged
         batch passes `attention_mask` ([batch, cached + n], 0 for slots a row does not own) and
         its own `position_ids`."""
-        out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, attention_mask=attention_mask,
-                         position_ids=position_ids, output_hidden_states=features, logits_to_keep=logits_to_keep)
+        rollback = self._rollback
+        rollback.before_forward(cache)
+        try:
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, attention_mask=attention_mask,
+                             position_ids=position_ids, output_hidden_states=features, logits_to_keep=logits_to_keep)
+        finally:
+            rollback.after_forward()
         feats = None
         if features:
             feats = torch.cat([out.hidden_states[i + 1] for i in self.layer_ids], dim=-1)
         return TargetOutput(logits=out.logits, features=feats)
 
     def rollback(self, cache: Any, length: int) -> None:
-        """Forget every cached position from `length` on (rejected draft tokens)."""
-        surplus = cache.get_seq_length() - length
-        if surplus > 0:
-            cache.crop(-surplus)  # transformers >= 5.2x: a negative count of tokens to drop
+        """Forget every cached position from `length` on (rejected draft tokens). Call it after
+        every forward, also when nothing was rejected: sliding-window and recurrent layers
+        trim what they recorded for a possible rollback (see dflash/target/rollback.py)."""
+        self._rollback.rollback(cache, length)
 
     # --- ragged batches: rows of one cache, each owning some of its slots ----------------------
 

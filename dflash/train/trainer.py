@@ -575,6 +575,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         return trainer.run()
     finally:
         if trainer.d.world > 1:
+            dist.barrier()  # no rank tears the group down while another still saves
             dist.destroy_process_group()
 
 
