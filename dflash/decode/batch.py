@@ -71,7 +71,7 @@ class BatchEngine:
         self.adapter = TargetAdapter.wrap(target, drafter.config.target_layer_ids if self.drafting else [])
         if self.drafting:
             self.adapter.check_drafter(drafter.config)
-        self.adapter.cache_tensors(self.adapter.new_cache())  # refuse windowed / recurrent caches now
+        self.adapter.new_cache(batched=True)  # refuse a target whose cache cannot be rolled back, now
         self.drafter = drafter if self.drafting else None
         self.block_size = block_size
         self.stops = set(stop_token_ids)
@@ -145,6 +145,7 @@ class BatchEngine:
         out = self.adapter.forward(block, self.cache, features=self.drafting, attention_mask=mask.long(),
                                    position_ids=positions)
         accepted = self._accept(block, out.logits, q)                            # per row: (n_acc, new)
+        self.adapter.rollback_rows(self.cache, [n_acc + 1 for n_acc, _ in accepted])
         owned_new = torch.zeros(b, size, dtype=torch.bool, device=self.device)
         finished = []
         for i, (row, (n_acc, new)) in enumerate(zip(self.rows, accepted)):
@@ -234,7 +235,7 @@ class BatchEngine:
             request = self.waiting.popleft()
             stats = GenerationStats(prompt_tokens=len(request.input_ids), block_size=self.block_size)
             t0 = time.perf_counter()
-            cache = self.adapter.new_cache()
+            cache = self.adapter.new_cache(batched=True)
             prompt = torch.tensor([request.input_ids], device=self.device)
             out = self.adapter.forward(prompt, cache, logits_to_keep=1, features=self.drafting)
             logits = out.logits[0, -1]

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from dflash.errors import IncompatibleDrafterError, UnsupportedTargetError
-from dflash.target.rollback import CacheRollback
+from dflash.target.rollback import CacheRollback, gather_recurrent, merge_recurrent
 
 
 @dataclass
@@ -108,9 +108,10 @@ class TargetAdapter:
             self.model._dflash_rollback = rollback
         return rollback
 
-    def new_cache(self) -> Any:
-        """An empty cache that `rollback` can cut back, or a refusal naming the model type."""
-        return self._rollback.new_cache()
+    def new_cache(self, batched: bool = False) -> Any:
+        """An empty cache that `rollback` can cut back (or, `batched`, one whose rows keep
+        rejected drafts as masked holes), or a refusal naming the model type."""
+        return self._rollback.new_cache(batched)
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, cache: Any, logits_to_keep: int = 0, features: bool = True,
@@ -120,6 +121,8 @@ class TargetAdapter:
         batch passes `attention_mask` ([batch, cached + n], 0 for slots a row does not own) and
         its own `position_ids`."""
         rollback = self._rollback
+        if attention_mask is not None and rollback.windowed:
+            attention_mask = rollback.window_masks(cache, attention_mask, ids.shape[1], self.embedding.weight.dtype)
         rollback.before_forward(cache)
         try:
             out = self.model(input_ids=ids, past_key_values=cache, use_cache=True, attention_mask=attention_mask,
@@ -139,17 +142,16 @@ class TargetAdapter:
 
     # --- ragged batches: rows of one cache, each owning some of its slots ----------------------
 
-    def cache_tensors(self, cache: Any) -> list[Any]:
-        """The per-layer key/value holders of a cache that batched decoding can edit, or a
-        refusal naming the model type (sliding-window and recurrent caches are not plain
-        tensors over every position)."""
-        layers = getattr(cache, "layers", None)
-        if layers is None or any(type(layer).__name__ != "DynamicLayer" for layer in layers):
-            kinds = sorted({type(layer).__name__ for layer in layers or []})
-            raise UnsupportedTargetError(
-                f"model type {self.model_type!r} ({', '.join(kinds) or 'no cache layers'}): batched decoding "
-                "needs a full-attention KV cache; decode one sequence at a time instead")
-        return layers
+    def rollback_rows(self, cache: Any, keep: list[int]) -> None:
+        """After a batched forward of one block per row: row r keeps `keep[r]` tokens of its
+        block. Attention layers leave the rest as holes for the mask; recurrent layers are
+        rolled back per row."""
+        self._rollback.rollback_rows(cache, keep)
+
+    def _layers(self, cache: Any) -> list[tuple[Any, bool]]:
+        """(layer, is_recurrent) for each layer of a batched cache."""
+        recurrent = set(self._rollback.recurrent)
+        return [(layer, i in recurrent) for i, layer in enumerate(cache.layers)]
 
     def cache_merge(self, cache: Any, other: Any, pad_cache: int, pad_other: int) -> None:
         """Append the rows of `other` to `cache`, left-padding `cache` by `pad_cache` slots and
@@ -157,17 +159,22 @@ class TargetAdapter:
         def pad(t: torch.Tensor, n: int) -> torch.Tensor:
             return torch.nn.functional.pad(t, (0, 0, n, 0)) if n else t
 
-        for mine, theirs in zip(self.cache_tensors(cache), self.cache_tensors(other)):
-            mine.keys = torch.cat([pad(mine.keys, pad_cache), pad(theirs.keys, pad_other)])
-            mine.values = torch.cat([pad(mine.values, pad_cache), pad(theirs.values, pad_other)])
+        for (mine, recurrent), theirs in zip(self._layers(cache), other.layers):
+            if recurrent:
+                merge_recurrent(mine, theirs)
+            else:
+                mine.keys = torch.cat([pad(mine.keys, pad_cache), pad(theirs.keys, pad_other)])
+                mine.values = torch.cat([pad(mine.values, pad_cache), pad(theirs.values, pad_other)])
 
     def cache_gather(self, cache: Any, rows: torch.Tensor, slots: torch.Tensor | None = None) -> None:
         """Keep `rows` of the cache, and of each only `slots` ([len(rows), n] slot indices)."""
-        for layer in self.cache_tensors(cache):
+        for layer, recurrent in self._layers(cache):
+            if recurrent:
+                gather_recurrent(layer, rows)
+                continue
             for name in ("keys", "values"):
                 t = getattr(layer, name)[rows]
                 if slots is not None:
                     index = slots.to(t.device)[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
                     t = torch.gather(t, 2, index)
                 setattr(layer, name, t)
-

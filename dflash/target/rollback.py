@@ -53,20 +53,26 @@ class _Pending:
 
 
 class CacheRollback:
-    """Knows a target's cache layout: makes caches that can be rolled back, and rolls them back."""
+    """Knows a target's cache layout: makes caches that can be rolled back, and rolls them back.
+
+    Two kinds of cache: a sequence's own (`new_cache()`, cut back with `rollback`) and a
+    batched one (`new_cache(batched=True)`) whose rows keep rejected drafts as masked holes:
+    there, sliding-window layers keep every key (the window is applied by `window_masks`, in
+    token positions, not cache slots) and recurrent layers are rolled back per row
+    (`rollback_rows`)."""
 
     def __init__(self, model: Any, model_type: str) -> None:
         from transformers import DynamicCache
 
         self.model, self.model_type = model, model_type
-        probe = DynamicCache(config=model.config)
-        kinds = [type(layer).__name__ for layer in probe.layers]
+        self.config = model.config.get_text_config(decoder=True)
+        kinds = [type(layer).__name__ for layer in DynamicCache(config=model.config).layers]
         unknown = sorted(set(kinds) - FULL_LAYERS - WINDOW_LAYERS - RECURRENT_LAYERS)
         if unknown:
             raise UnsupportedTargetError(
                 f"model type {model_type!r}: its cache holds {', '.join(unknown)} layers, which dflash cannot "
                 "roll back after a rejected draft, so speculative decoding would be wrong; not supported")
-        self.recording = any(k in WINDOW_LAYERS or k in RECURRENT_LAYERS for k in kinds)
+        self.windowed = [i for i, k in enumerate(kinds) if k in WINDOW_LAYERS]
         self.recurrent = [i for i, k in enumerate(kinds) if k in RECURRENT_LAYERS]
         self.mixers: dict[int, torch.nn.Module] = {}
         self._capture: dict[int, torch.Tensor] | None = None
@@ -93,13 +99,43 @@ class CacheRollback:
         if self._capture is not None:
             self._capture[module.layer_idx] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
-    def new_cache(self) -> Any:
+    # --- caches ---------------------------------------------------------------------------------
+
+    def new_cache(self, batched: bool = False) -> Any:
         from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
 
         cache = DynamicCache(config=self.model.config)
-        if self.recording:
+        if batched:
+            for i in self.windowed:
+                cache.layers[i] = DynamicLayer()  # keep every key; the mask applies the window
+        if self.recurrent or (self.windowed and not batched):
             cache.activate_past_recording()
         return cache
+
+    def window_masks(self, cache: Any, slots: torch.Tensor, n_new: int, dtype: torch.dtype) -> Any:
+        """Attention masks for a batched forward over a cache with holes: `slots` ([b, cached +
+        n_new], 1 where a row owns the slot) gives each slot's token position (slots are owned
+        in position order); sliding-window layers see the keys within their window counted in
+        those positions. Returns what the model takes as `attention_mask`."""
+        from transformers.masking_utils import create_causal_mask
+
+        positions = slots.long().cumsum(1) - 1
+        window = self.config.sliding_window
+
+        def in_window(batch_idx, head_idx, q_idx, kv_idx):
+            return positions[batch_idx, kv_idx] > positions[batch_idx, q_idx] - window
+
+        embeds = torch.empty(slots.shape[0], n_new, 0, dtype=dtype, device=slots.device)
+        common = dict(config=self.config, inputs_embeds=embeds, attention_mask=slots, past_key_values=cache)
+        windowed = create_causal_mask(**common, and_mask_function=in_window)
+        types = set(getattr(self.config, "layer_types", None) or [])
+        if len(types) <= 1:
+            return windowed
+        full = create_causal_mask(**common)
+        return {t: windowed if t == "sliding_attention" else full for t in types}
+
+    # --- one forward and what follows it ------------------------------------------------------------
 
     def before_forward(self, cache: Any) -> None:
         """Snapshot the recurrent states and start recording the mixers' inputs."""
@@ -118,26 +154,84 @@ class CacheRollback:
 
     @torch.no_grad()
     def rollback(self, cache: Any, length: int) -> None:
-        """Keep the first `length` positions. Called after every target forward (also when
-        nothing was rejected: recorded pasts are trimmed back to what the next forward needs)."""
+        """Keep the first `length` positions of a sequence's cache. Called after every target
+        forward (also when nothing was rejected: recorded pasts are trimmed back to what the next
+        forward needs)."""
         surplus = cache.get_seq_length() - length
         if surplus < 0:
             raise ValueError(f"cannot roll a cache of {cache.get_seq_length()} positions forward to {length}")
-        pending = cache.__dict__.pop("dflash_pending", None)
-        cache.crop(-surplus)  # also trims recorded pasts (windows, conv states) to what is needed
-        if not surplus or not self.recurrent:
+        if not self.recurrent:
+            cache.crop(-surplus)  # also trims the windows' recorded past
             return
+        pending = self._pop_pending(cache)
+        for i, layer in enumerate(cache.layers):
+            if i not in self.recurrent:
+                layer.crop(-surplus)
+        self._readvance(cache, pending, [length - pending.length])
+
+    @torch.no_grad()
+    def rollback_rows(self, cache: Any, keep: list[int]) -> None:
+        """Batched cache after a forward of one block per row: row r keeps the first `keep[r]`
+        tokens of its block. Attention layers keep the rest as holes (the caller masks them);
+        recurrent layers are put back as if only the kept tokens had run."""
+        if self.recurrent:
+            self._readvance(cache, self._pop_pending(cache), keep)
+
+    def _pop_pending(self, cache: Any) -> _Pending:
+        pending = cache.__dict__.pop("dflash_pending", None)
         if pending is None or len(pending.states) != len(self.recurrent):
             raise RuntimeError("a recurrent cache can only be rolled back right after a forward that extended it")
-        self._readvance(cache, pending, length - pending.length)
+        return pending
 
-    def _readvance(self, cache: Any, pending: _Pending, keep: int) -> None:
-        """Put each recurrent layer back as it was before the forward, then advance it over the
-        first `keep` tokens of that forward (the anchor and the accepted drafts)."""
-        for i, (conv, state) in pending.states.items():
+    def _readvance(self, cache: Any, pending: _Pending, keep: list[int]) -> None:
+        """Rows that kept fewer tokens than the forward ran: put each recurrent layer back as it
+        was before the forward, then advance it over those rows' kept tokens (the anchor and the
+        accepted drafts). Rows with equal counts advance together."""
+        from transformers import DynamicCache
+
+        ran = next(iter(pending.inputs.values())).shape[1]
+        groups: dict[int, list[int]] = {}
+        for row, k in enumerate(keep):
+            if k < ran:
+                groups.setdefault(k, []).append(row)
+        scratch = DynamicCache(config=self.model.config) if groups else None
+        for i, (conv_before, state_before) in pending.states.items():
             layer = cache.layers[i]
-            layer.conv_states[0] = conv
-            layer.recurrent_states[0].copy_(state)
-            if keep > 0:
-                self.mixers[i](hidden_states=pending.inputs[i][:, :keep], cache_params=cache)
-            layer.crop(0)  # trim the recorded conv past to the kernel width
+            width = layer.conv_kernel_size[0]
+            conv, state = layer.conv_states[0][..., -width:].clone(), layer.recurrent_states[0]
+            for k, rows in groups.items():
+                index = torch.tensor(rows, device=state.device)
+                part = _layer_holding(scratch.layers[i], conv_before[index], state_before[index], width)
+                self.mixers[i](hidden_states=pending.inputs[i][index, :k], cache_params=scratch)
+                conv[index] = _fit_width(part.conv_states[0], width)
+                state[index] = part.recurrent_states[0]
+            layer.conv_states[0] = conv  # the recorded past, trimmed to the kernel width
+
+
+def _fit_width(conv: torch.Tensor, width: int) -> torch.Tensor:
+    """A conv state of exactly `width` columns (short histories are zeros on the left, as the
+    causal convolution pads them)."""
+    conv = conv[..., -width:]
+    return torch.nn.functional.pad(conv, (width - conv.shape[-1], 0)) if conv.shape[-1] < width else conv
+
+
+def _layer_holding(layer: Any, conv: torch.Tensor, state: torch.Tensor, width: int) -> Any:
+    """Fill a fresh recurrent cache layer with some rows' conv and recurrent states."""
+    layer.record_past = True
+    layer.conv_states[0], layer.recurrent_states[0] = conv.clone(), state.clone()
+    layer.conv_kernel_size[0], layer.device, layer.dtype = width, conv.device, conv.dtype
+    layer.is_conv_states_initialized[0] = layer.is_recurrent_states_initialized[0] = True
+    layer.has_previous_state[0] = True
+    return layer
+
+
+def merge_recurrent(layer: Any, other: Any) -> None:
+    """Append the rows of recurrent layer `other` to `layer` (conv states of equal width)."""
+    width = layer.conv_kernel_size[0]
+    layer.conv_states[0] = torch.cat([_fit_width(layer.conv_states[0], width), _fit_width(other.conv_states[0], width)])
+    layer.recurrent_states[0] = torch.cat([layer.recurrent_states[0], other.recurrent_states[0]])
+
+
+def gather_recurrent(layer: Any, rows: torch.Tensor) -> None:
+    layer.conv_states[0] = layer.conv_states[0][rows]
+    layer.recurrent_states[0] = layer.recurrent_states[0][rows]
