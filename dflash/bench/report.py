@@ -61,14 +61,14 @@ def _summary(rs: list[PromptRecord], block_size: int) -> dict[str, Any]:
     lengths = [n for r in rs for n in r.dflash["acceptance_lengths"]]
     tokens = sum(r.dflash["new_tokens"] for r in rs)
     seconds = sum(r.dflash["time_s"] for r in rs)
-    s: dict[str, Any] = {"num_prompts": len(rs), "new_tokens": tokens, "time_s": round(seconds, 3),
+    s: dict[str, Any] = {"num_prompts": len(rs), "new_tokens": tokens, "time_s": round(seconds, 6),
                          **acceptance_summary(lengths, block_size),
                          "tokens_per_s": _rate(tokens, seconds),
                          "ttft_ms": 1000 * sum(r.dflash["ttft_s"] for r in rs) / len(rs)}
     if all(r.baseline is not None for r in rs):
         base_tokens = sum(r.baseline["new_tokens"] for r in rs)
         base_seconds = sum(r.baseline["time_s"] for r in rs)
-        s.update(baseline_new_tokens=base_tokens, baseline_time_s=round(base_seconds, 3),
+        s.update(baseline_new_tokens=base_tokens, baseline_time_s=round(base_seconds, 6),
                  baseline_tokens_per_s=_rate(base_tokens, base_seconds),
                  baseline_ttft_ms=1000 * sum(r.baseline["ttft_s"] for r in rs) / len(rs),
                  identical_outputs=sum(bool(r.identical) for r in rs))
@@ -79,7 +79,7 @@ def _summary(rs: list[PromptRecord], block_size: int) -> dict[str, Any]:
         for name in peers:
             t = sum(r.peers[name]["new_tokens"] for r in rs)
             sec = sum(r.peers[name]["time_s"] for r in rs)
-            s["peers"][name] = {"tokens_per_s": _rate(t, sec), "new_tokens": t, "time_s": round(sec, 3),
+            s["peers"][name] = {"tokens_per_s": _rate(t, sec), "new_tokens": t, "time_s": round(sec, 6),
                                 "dflash_speedup_over": s["tokens_per_s"] / _rate(t, sec) if sec and t else 0.0}
     return s
 

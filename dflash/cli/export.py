@@ -34,7 +34,7 @@ def serve_command(engine: str, target: str, drafter: str, block_size: int) -> st
         spec = json.dumps({"method": "dflash", "model": drafter, "num_speculative_tokens": block_size - 1})
         return f"vllm serve {shlex.quote(target)} --speculative-config {shlex.quote(spec)}"
     return (f"python -m sglang.launch_server --model-path {shlex.quote(target)} --speculative-algorithm DFLASH "
-            f"--speculative-draft-model-path {shlex.quote(drafter)}")
+            f"--speculative-draft-model-path {shlex.quote(drafter)} --speculative-num-draft-tokens {block_size}")
 
 
 def run(args: argparse.Namespace) -> int:

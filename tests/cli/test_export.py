@@ -23,7 +23,9 @@ def test_export_for_vllm_and_sglang(tiny_drafter_dir, tiny_target_dir, tmp_path,
         assert torch.equal(b.state_dict()[name], t)
     assert main(["export", str(tiny_drafter_dir), str(tmp_path / "s"), "--for", "sglang",
                  "--target", "org/model"]) == 0
-    assert "--speculative-algorithm DFLASH --speculative-draft-model-path" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "--speculative-algorithm DFLASH --speculative-draft-model-path" in out
+    assert out.strip().endswith("--speculative-num-draft-tokens 4")  # SGLang takes the block itself
 
 
 def test_export_refuses_a_folder_that_is_not_a_drafter(tmp_path, capsys):
