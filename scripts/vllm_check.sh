@@ -82,9 +82,9 @@ serve dflash --speculative-config "$SPEC"
 bench_http dflash
 stop_server
 
-echo "== this package, same prompts"
-dflash bench --dataset gsm8k --max-samples "$PROMPTS" --max-new-tokens "$MAX_TOKENS" \
-    --output "$OUT_DIR/dflash.json" --no-progress
+echo "== this package, same prompts, the same exported drafter (whole vocabulary, block $BLOCK)"
+dflash bench --dataset gsm8k --max-samples "$PROMPTS" --max-new-tokens "$MAX_TOKENS" --draft-model "$DRAFTER" \
+    --block-size "$BLOCK" --output "$OUT_DIR/dflash.json" --no-progress
 
 python - "$OUT_DIR" <<'EOF'
 import json, sys
