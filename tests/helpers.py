@@ -61,6 +61,32 @@ class OracleDrafter(DFlashDraftModel):
         return logits
 
 
+class RowOracle(DFlashDraftModel):
+    """The batched oracle: proposes each row's true continuation (`refs[rid]`: prompt +
+    reference), with draft 2 made wrong wherever `wrong(rid, start)` holds, so that rows accept
+    different numbers of tokens in the same step. Set `engine` to the BatchEngine it drafts for."""
+
+    @classmethod
+    def wrapping(cls, drafter: DFlashDraftModel, refs, wrong) -> "RowOracle":
+        oracle = cls(drafter.config)
+        oracle.load_state_dict(drafter.state_dict())
+        oracle.refs, oracle.wrong, oracle.engine = refs, wrong, None
+        return oracle.eval()
+
+    def propose(self, target_adapter, block_ids, context_features, cache, positions=None, attn_mask=None):
+        logits = super().propose(target_adapter, block_ids, context_features, cache, positions, attn_mask)
+        for b, start in enumerate(positions[1][:, 0].tolist()):
+            rid = self.engine.rows[b].request.rid
+            ref = self.refs[rid][0]
+            for k in range(1, block_ids.shape[1]):
+                tok = int(ref[start + k]) if start + k < ref.shape[0] else 0
+                if k == 2 and self.wrong(rid, start):
+                    tok = (tok + 1) % target_adapter.vocab_size
+                logits[b, k - 1] = -1e4
+                logits[b, k - 1, tok] = 1e4
+        return logits
+
+
 def oracle_for(drafter: DFlashDraftModel, reference: torch.Tensor, **kw) -> OracleDrafter:
     oracle = OracleDrafter(drafter.config, reference, **kw)
     return oracle.to(drafter.device)

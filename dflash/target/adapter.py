@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from dflash.errors import IncompatibleDrafterError, UnsupportedTargetError
-from dflash.target.rollback import CacheRollback, gather_recurrent, merge_recurrent
+from dflash.target.rollback import CacheRollback
 
 
 @dataclass
@@ -148,33 +148,11 @@ class TargetAdapter:
         rolled back per row."""
         self._rollback.rollback_rows(cache, keep)
 
-    def _layers(self, cache: Any) -> list[tuple[Any, bool]]:
-        """(layer, is_recurrent) for each layer of a batched cache."""
-        recurrent = set(self._rollback.recurrent)
-        return [(layer, i in recurrent) for i, layer in enumerate(cache.layers)]
-
     def cache_merge(self, cache: Any, other: Any, pad_cache: int, pad_other: int) -> None:
         """Append the rows of `other` to `cache`, left-padding `cache` by `pad_cache` slots and
         `other` by `pad_other` (so both span the same length); padded slots hold zeros."""
-        def pad(t: torch.Tensor, n: int) -> torch.Tensor:
-            return torch.nn.functional.pad(t, (0, 0, n, 0)) if n else t
-
-        for (mine, recurrent), theirs in zip(self._layers(cache), other.layers):
-            if recurrent:
-                merge_recurrent(mine, theirs)
-            else:
-                mine.keys = torch.cat([pad(mine.keys, pad_cache), pad(theirs.keys, pad_other)])
-                mine.values = torch.cat([pad(mine.values, pad_cache), pad(theirs.values, pad_other)])
+        self._rollback.merge(cache, other, pad_cache, pad_other)
 
     def cache_gather(self, cache: Any, rows: torch.Tensor, slots: torch.Tensor | None = None) -> None:
         """Keep `rows` of the cache, and of each only `slots` ([len(rows), n] slot indices)."""
-        for layer, recurrent in self._layers(cache):
-            if recurrent:
-                gather_recurrent(layer, rows)
-                continue
-            for name in ("keys", "values"):
-                t = getattr(layer, name)[rows]
-                if slots is not None:
-                    index = slots.to(t.device)[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
-                    t = torch.gather(t, 2, index)
-                setattr(layer, name, t)
+        self._rollback.gather(cache, rows, slots)

@@ -76,6 +76,7 @@ class CacheRollback:
         self.recurrent = [i for i, k in enumerate(kinds) if k in RECURRENT_LAYERS]
         self.mixers: dict[int, torch.nn.Module] = {}
         self._capture: dict[int, torch.Tensor] | None = None
+        self._scratch: Any = None  # a cache whose recurrent layers host rows being re-advanced
         if self.recurrent:
             self._hook_mixers()
 
@@ -161,12 +162,14 @@ class CacheRollback:
         if surplus < 0:
             raise ValueError(f"cannot roll a cache of {cache.get_seq_length()} positions forward to {length}")
         if not self.recurrent:
-            cache.crop(-surplus)  # also trims the windows' recorded past
+            if surplus or self.windowed:
+                cache.crop(-surplus)  # also trims the windows' recorded past
             return
         pending = self._pop_pending(cache)
-        for i, layer in enumerate(cache.layers):
-            if i not in self.recurrent:
-                layer.crop(-surplus)
+        if surplus:
+            for i, layer in enumerate(cache.layers):
+                if i not in pending.states:  # attention layers; recurrent ones are re-advanced
+                    layer.crop(-surplus)
         self._readvance(cache, pending, [length - pending.length])
 
     @torch.no_grad()
@@ -190,22 +193,63 @@ class CacheRollback:
         from transformers import DynamicCache
 
         ran = next(iter(pending.inputs.values())).shape[1]
-        groups: dict[int, list[int]] = {}
+        rows_by_keep: dict[int, list[int]] = {}
         for row, k in enumerate(keep):
             if k < ran:
-                groups.setdefault(k, []).append(row)
-        scratch = DynamicCache(config=self.model.config) if groups else None
+                rows_by_keep.setdefault(k, []).append(row)
+        if not rows_by_keep:  # all accepted in full: only trim the recorded conv past
+            for i in pending.states:
+                layer = cache.layers[i]
+                layer.conv_states[0] = layer.conv_states[0][..., -layer.conv_kernel_size[0]:]
+            return
+        device = next(iter(pending.inputs.values())).device
+        groups = [(k, torch.tensor(rows, device=device)) for k, rows in rows_by_keep.items()]
+        if self._scratch is None:
+            self._scratch = DynamicCache(config=self.model.config)
         for i, (conv_before, state_before) in pending.states.items():
             layer = cache.layers[i]
             width = layer.conv_kernel_size[0]
             conv, state = layer.conv_states[0][..., -width:].clone(), layer.recurrent_states[0]
-            for k, rows in groups.items():
-                index = torch.tensor(rows, device=state.device)
-                part = _layer_holding(scratch.layers[i], conv_before[index], state_before[index], width)
-                self.mixers[i](hidden_states=pending.inputs[i][index, :k], cache_params=scratch)
+            for k, index in groups:
+                part = _layer_holding(self._scratch.layers[i], conv_before[index], state_before[index], width)
+                self.mixers[i](hidden_states=pending.inputs[i][index, :k], cache_params=self._scratch)
                 conv[index] = _fit_width(part.conv_states[0], width)
                 state[index] = part.recurrent_states[0]
             layer.conv_states[0] = conv  # the recorded past, trimmed to the kernel width
+
+    # --- batched caches: rows joining and leaving ---------------------------------------------------
+
+    def merge(self, cache: Any, other: Any, pad_cache: int, pad_other: int) -> None:
+        """Append the rows of `other` to `cache`. Attention layers: left-pad `cache` by
+        `pad_cache` slots and `other` by `pad_other` (so both span the same length; padded slots
+        hold zeros). Recurrent layers: stack the states (conv states at the kernel width)."""
+        def pad(t: torch.Tensor, n: int) -> torch.Tensor:
+            return torch.nn.functional.pad(t, (0, 0, n, 0)) if n else t
+
+        for i, (mine, theirs) in enumerate(zip(cache.layers, other.layers)):
+            if i in self.recurrent:
+                width = mine.conv_kernel_size[0]
+                mine.conv_states[0] = torch.cat([_fit_width(mine.conv_states[0], width),
+                                                 _fit_width(theirs.conv_states[0], width)])
+                mine.recurrent_states[0] = torch.cat([mine.recurrent_states[0], theirs.recurrent_states[0]])
+            else:
+                mine.keys = torch.cat([pad(mine.keys, pad_cache), pad(theirs.keys, pad_other)])
+                mine.values = torch.cat([pad(mine.values, pad_cache), pad(theirs.values, pad_other)])
+
+    def gather(self, cache: Any, rows: torch.Tensor, slots: torch.Tensor | None = None) -> None:
+        """Keep `rows` of the cache, and of each only `slots` ([len(rows), n] slot indices) in
+        the attention layers (recurrent layers have no slots)."""
+        for i, layer in enumerate(cache.layers):
+            if i in self.recurrent:
+                layer.conv_states[0] = layer.conv_states[0][rows]
+                layer.recurrent_states[0] = layer.recurrent_states[0][rows]
+                continue
+            for name in ("keys", "values"):
+                t = getattr(layer, name)[rows]
+                if slots is not None:
+                    index = slots.to(t.device)[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
+                    t = torch.gather(t, 2, index)
+                setattr(layer, name, t)
 
 
 def _fit_width(conv: torch.Tensor, width: int) -> torch.Tensor:
@@ -216,22 +260,10 @@ def _fit_width(conv: torch.Tensor, width: int) -> torch.Tensor:
 
 
 def _layer_holding(layer: Any, conv: torch.Tensor, state: torch.Tensor, width: int) -> Any:
-    """Fill a fresh recurrent cache layer with some rows' conv and recurrent states."""
+    """Load some rows' conv and recurrent states into a scratch recurrent cache layer."""
     layer.record_past = True
     layer.conv_states[0], layer.recurrent_states[0] = conv.clone(), state.clone()
     layer.conv_kernel_size[0], layer.device, layer.dtype = width, conv.device, conv.dtype
     layer.is_conv_states_initialized[0] = layer.is_recurrent_states_initialized[0] = True
     layer.has_previous_state[0] = True
     return layer
-
-
-def merge_recurrent(layer: Any, other: Any) -> None:
-    """Append the rows of recurrent layer `other` to `layer` (conv states of equal width)."""
-    width = layer.conv_kernel_size[0]
-    layer.conv_states[0] = torch.cat([_fit_width(layer.conv_states[0], width), _fit_width(other.conv_states[0], width)])
-    layer.recurrent_states[0] = torch.cat([layer.recurrent_states[0], other.recurrent_states[0]])
-
-
-def gather_recurrent(layer: Any, rows: torch.Tensor) -> None:
-    layer.conv_states[0] = layer.conv_states[0][rows]
-    layer.recurrent_states[0] = layer.recurrent_states[0][rows]

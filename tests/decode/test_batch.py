@@ -6,7 +6,7 @@ import torch
 from dflash import DFlashDraftModel, generate
 from dflash.decode.batch import BatchEngine, BatchRequest
 from dflash.decode.sampling import SamplingParams
-from helpers import greedy_reference, oracle_for, tiny_target
+from helpers import RowOracle, greedy_reference, oracle_for, tiny_target
 
 PROMPTS = [[5, 9, 13], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [3], [21, 22, 23, 24, 25], [40, 41],
            [60, 61, 62, 63, 64, 65, 66], [90, 91, 92, 93], [100] * 9]
@@ -54,27 +54,10 @@ def test_oracle_drafter_accepts_in_full_and_in_part_per_row():
     base = DFlashDraftModel.from_target(target, num_layers=1, block_size=6)
     refs = {i: greedy_reference(target, torch.tensor([p]), 48) for i, p in enumerate(PROMPTS[:4])}
 
-    class RowOracle(DFlashDraftModel):
-        """Proposes each row's true continuation; odd rows get draft 2 wrong every other step."""
-        def propose(self, target_adapter, block_ids, context_features, cache, positions=None, attn_mask=None):
-            logits = super().propose(target_adapter, block_ids, context_features, cache, positions, attn_mask)
-            starts = positions[1][:, 0].tolist()
-            for b, start in enumerate(starts):
-                rid = engine.rows[b].request.rid
-                ref = refs[rid][0]
-                for k in range(1, block_ids.shape[1]):
-                    pos = start + k
-                    tok = int(ref[pos]) if pos < ref.shape[0] else 0
-                    if rid % 2 == 1 and start % 4 == 3 and k == 2:
-                        tok = (tok + 1) % target_adapter.vocab_size
-                    logits[b, k - 1] = -1e4
-                    logits[b, k - 1, tok] = 1e4
-            return logits
-
-    drafter = RowOracle(base.config)
-    drafter.load_state_dict(base.state_dict())
-    drafter.eval()
+    # odd rows get draft 2 wrong every other step
+    drafter = RowOracle.wrapping(base, refs, lambda rid, start: rid % 2 == 1 and start % 4 == 3)
     engine = BatchEngine(target, drafter, block_size=6, stop_token_ids=[], max_batch_size=4)
+    drafter.engine = engine
     out, done = run_all(engine, [BatchRequest(i, p, 48) for i, p in enumerate(PROMPTS[:4])])
     for i, p in enumerate(PROMPTS[:4]):
         assert out[i] == refs[i][0, len(p):].tolist(), i
