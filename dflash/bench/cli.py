@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from dflash.config import DEFAULT_TARGET
+from dflash.target.packed import CPU_WEIGHT_FORMATS
 from dflash.datasets import DATA_DIR_ENV, EVAL_SETS
 from dflash.errors import DFlashError
 
@@ -44,6 +45,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda ... (local; default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="local compute dtype (default: float32 on CPU, bfloat16 on GPU)")
+    g.add_argument("--cpu-weights", default="float32", choices=list(CPU_WEIGHT_FORMATS),
+                   help="local CPU target: fp16 stores its linear weights in half precision (faster; a "
+                        "slightly different model, both sides of the speedup use it) (default: float32)")
     g = p.add_argument_group("decoding")
     g.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                    help=f"per turn (default: {DEFAULT_MAX_NEW_TOKENS})")

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from dflash.errors import IncompatibleDrafterError, UnsupportedTargetError
+from dflash.target.packed import rows_of
 from dflash.target.rollback import CacheRollback
 
 
@@ -96,8 +97,11 @@ class TargetAdapter:
         hidden = hidden.to(self.head.weight.dtype)
         if vocab is None:
             return self.head(hidden)
-        bias = None if self.head.bias is None else self.head.bias[vocab]
-        return torch.nn.functional.linear(hidden, self.head.weight[vocab], bias)
+        cached = getattr(self, "_vocab_head", None)
+        if cached is None or cached[0] is not vocab:  # gathered once per vocabulary, not per draft
+            cached = (vocab, rows_of(self.head, vocab))
+            self._vocab_head = cached
+        return cached[1](hidden)
 
     @property
     def _rollback(self) -> CacheRollback:

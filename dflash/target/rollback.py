@@ -27,6 +27,7 @@ mixers have not been proven here, is refused by name rather than decoded wrongly
 
 from __future__ import annotations
 
+import functools
 import inspect
 from dataclasses import dataclass, field
 from typing import Any
@@ -104,12 +105,12 @@ class CacheRollback:
 
     def new_cache(self, batched: bool = False) -> Any:
         from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
 
         cache = DynamicCache(config=self.model.config)
-        if batched:
-            for i in self.windowed:
-                cache.layers[i] = DynamicLayer()  # keep every key; the mask applies the window
+        for i, layer in enumerate(cache.layers):
+            full = type(layer).__name__ in FULL_LAYERS
+            if full or (batched and i in self.windowed):  # batched: keep every key; the mask applies the window
+                cache.layers[i] = _growing_layer_class()()
         if self.recurrent or (self.windowed and not batched):
             cache.activate_past_recording()
         return cache
@@ -250,6 +251,43 @@ class CacheRollback:
                     index = slots.to(t.device)[:, None, :, None].expand(-1, t.shape[1], -1, t.shape[3])
                     t = torch.gather(t, 2, index)
                 setattr(layer, name, t)
+
+
+@functools.cache
+def _growing_layer_class() -> type:
+    """A full-attention cache layer that appends in place into spare room (doubling when full)
+    instead of concatenating: transformers' `DynamicLayer` copies the whole past on every
+    forward, which on a CPU costs more than the attention itself once the context is a few
+    hundred tokens long. `keys`/`values` stay views of the filled part, so crops (a view of
+    fewer positions) and the batched engine's merges and gathers (new tensors, adopted as the
+    next buffer) work unchanged."""
+    from transformers.cache_utils import DynamicLayer
+
+    class GrowingLayer(DynamicLayer):
+        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+            super().lazy_initialization(key_states, value_states)
+            self._room: tuple[torch.Tensor, torch.Tensor] | None = None
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if not self.is_initialized:
+                self.lazy_initialization(key_states, value_states)
+            n, new = self.get_seq_length(), key_states.shape[-2]
+            room = self._room
+            if (room is None or n + new > room[0].shape[-2] or room[0].shape[:2] != key_states.shape[:2]
+                    or (n and self.keys.data_ptr() != room[0].data_ptr())):
+                capacity = max(256, 2 * (n + new))
+                room = tuple(t.new_empty((*t.shape[:2], capacity, t.shape[-1])) for t in (key_states, value_states))
+                if n:
+                    room[0][..., :n, :] = self.keys
+                    room[1][..., :n, :] = self.values
+                self._room = room
+            room[0][..., n:n + new, :] = key_states
+            room[1][..., n:n + new, :] = value_states
+            self.keys, self.values = room[0][..., :n + new, :], room[1][..., :n + new, :]
+            return self.keys, self.values
+
+    return GrowingLayer
 
 
 def _fit_width(conv: torch.Tensor, width: int) -> torch.Tensor:

@@ -1,0 +1,209 @@
+"""CPU peers in ONE run on the same GSM8K prompts, so every figure compares as a ratio:
+
+- transformers `generate` (greedy), float32 and on the fp16-weight target;
+- this engine's plain decoding (block size 1) and DFlash with the shipped drafter, float32 and
+  with `--cpu-weights fp16`;
+- llama.cpp on the same GGUF (the embedded Q4_1 file) through `llama-cpp-python`, when that
+  optional extra is installed (pip install llama-cpp-python: it compiles llama.cpp);
+- the bandwidth floor: measured memory bandwidth / bytes of weights one forward reads;
+- one target step (1 token) against verifying a block, for both weight formats.
+
+Every method decodes the same number of new tokens per prompt (no stop tokens), greedy. The
+engine's outputs are checked identical to `generate` on the same weights.
+
+    python benchmarks/cpu_peers.py --prompts 10 --new-tokens 128 --block-size 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from dflash import (DFlashDraftModel, TargetAdapter, chat_input_ids, default_drafter_path, generate,
+                    load_target)
+from dflash.datasets import eval_prompts
+from dflash.target.loader import embedded_gguf_path
+
+
+def memory_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
+    """Best read bandwidth of summing a float32 tensor far larger than any cache."""
+    x = torch.ones(int(gib * (1 << 30)) // 4)
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t)
+    return x.numel() * 4 / best / 1e9
+
+
+def weight_bytes_per_forward(model: torch.nn.Module) -> int:
+    """Bytes of weights a one-token forward reads: every linear layer (the LM head included)
+    in its stored format, plus the norms; the embedding table only for one row."""
+    total, seen = 0, set()
+    for module in model.modules():
+        packed = getattr(module, "_packed", None)
+        if packed is not None:
+            total += module.in_features * module.out_features * 2
+            seen.update(id(p) for p in module.parameters(recurse=False))
+            continue
+        for p in module.parameters(recurse=False):
+            if id(p) in seen or isinstance(module, torch.nn.Embedding):
+                continue
+            seen.add(id(p))
+            total += p.numel() * p.element_size()
+    return total
+
+
+def median_ms(fn: Callable[[], Any], repeats: int = 11) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+def step_costs(model: Any, prompt: torch.Tensor, blocks: tuple[int, ...]) -> dict[int, float]:
+    """Median ms of one target forward of k tokens after the prompt (features on, as DFlash
+    verification asks), for k in `blocks`; the cache is rolled back after each."""
+    adapter = TargetAdapter(model, [1, 14, 27])
+    cache = adapter.new_cache()
+    adapter.forward(prompt, cache, logits_to_keep=1)
+    length = cache.get_seq_length()
+
+    def step(k: int) -> Callable[[], None]:
+        ids = torch.full((1, k), 28, dtype=torch.long)
+
+        def run() -> None:
+            adapter.forward(ids, cache, features=True)
+            adapter.rollback(cache, length)
+        return run
+    return {k: median_ms(step(k)) for k in blocks}
+
+
+def time_hf(model: Any, prompts: list[torch.Tensor], n: int) -> tuple[float, list[list[int]]]:
+    outputs, elapsed = [], 0.0
+    for ids in prompts:
+        t = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+                             min_new_tokens=n, eos_token_id=None, pad_token_id=0, top_p=None, top_k=None,
+                             temperature=None)
+        elapsed += time.perf_counter() - t
+        outputs.append(out[0, ids.shape[1]:].tolist())
+    return elapsed, outputs
+
+
+def time_engine(model: Any, drafter: Any, prompts: list[torch.Tensor], n: int,
+                block: int) -> tuple[float, list[list[int]], list[int]]:
+    outputs, elapsed, accepted = [], 0.0, []
+    for ids in prompts:
+        stats = generate(model, drafter, ids, max_new_tokens=n, block_size=block)
+        elapsed += stats.total_time
+        outputs.append(stats.new_tokens)
+        accepted += stats.acceptance_lengths
+    return elapsed, outputs, accepted
+
+
+def time_llama_cpp(gguf: Path, prompts: list[torch.Tensor], n: int, threads: int) -> tuple[float, list[list[int]]] | None:
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=str(gguf), n_ctx=2048, n_threads=threads, n_threads_batch=threads, verbose=False)
+
+    def run(ids: torch.Tensor) -> list[int]:
+        llm.reset()
+        tokens: list[int] = []
+        for token in llm.generate(ids[0].tolist(), top_k=1, top_p=1.0, temp=0.0, repeat_penalty=1.0):
+            tokens.append(int(token))
+            if len(tokens) == n:
+                break
+        return tokens
+
+    run(prompts[0][:, :16])  # warm-up
+    outputs, elapsed = [], 0.0
+    for ids in prompts:
+        t = time.perf_counter()
+        outputs.append(run(ids))
+        elapsed += time.perf_counter() - t
+    return elapsed, outputs
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=10, help="first N GSM8K test prompts (default 10)")
+    parser.add_argument("--new-tokens", type=int, default=128, help="new tokens per prompt (default 128)")
+    parser.add_argument("--block-size", type=int, default=8, help="DFlash block size (default 8)")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
+                        help="threads for torch and llama.cpp (default: torch's)")
+    parser.add_argument("--data-dir", default=None, help="datasets folder (default: $DFLASH_DATA_DIR)")
+    parser.add_argument("--output", default=None, help="also write every figure to this JSON file")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    results: dict[str, Any] = {"config": vars(args)}
+    bandwidth = memory_bandwidth_gb_s()
+    results["bandwidth_gb_s"] = bandwidth
+    print(f"memory read bandwidth: {bandwidth:.1f} GB/s", flush=True)
+
+    models = {"float32": load_target(device="cpu")}
+    models["fp16"] = load_target(device="cpu", cpu_weights="fp16")
+    tokenizer = models["float32"][1]
+    drafter = DFlashDraftModel.from_pretrained(str(default_drafter_path()), device="cpu")
+    questions = [turns[0] for turns in eval_prompts("gsm8k", args.data_dir, limit=args.prompts)]
+    prompts = [torch.tensor([chat_input_ids(tokenizer, q)]) for q in questions]
+    n, total = args.new_tokens, args.new_tokens * len(prompts)
+
+    rows: list[tuple[str, float, str]] = []
+    for weights, (model, _) in models.items():
+        floor_ms = weight_bytes_per_forward(model) / bandwidth / 1e6
+        costs = step_costs(model, prompts[0], (1, 4, args.block_size, 16))
+        results[f"step_ms_{weights}"] = costs
+        results[f"floor_ms_{weights}"] = floor_ms
+        print(f"[{weights}] one step {costs[1]:.1f} ms (bandwidth floor {floor_ms:.1f} ms); verify "
+              + ", ".join(f"{k}: {v:.1f} ms = {v / costs[1]:.2f}x" for k, v in costs.items() if k > 1), flush=True)
+        generate(model, drafter, prompts[0], max_new_tokens=8, block_size=args.block_size)  # warm-up
+        hf_time, hf_out = time_hf(model, prompts, n)
+        plain_time, plain_out, _ = time_engine(model, None, prompts, n, 1)
+        dflash_time, dflash_out, accepted = time_engine(model, drafter, prompts, n, args.block_size)
+        tau = sum(accepted) / len(accepted)
+        same = sum(a == b == c for a, b, c in zip(hf_out, plain_out, dflash_out))
+        results[weights] = {"generate_tok_s": total / hf_time, "plain_tok_s": total / plain_time,
+                            "dflash_tok_s": total / dflash_time, "tau": tau, "identical": same,
+                            "floor_tok_s": 1000 / floor_ms}
+        rows += [(f"transformers generate ({weights})", total / hf_time, ""),
+                 (f"engine plain ({weights})", total / plain_time, f"identical to generate {same}/{len(prompts)}"),
+                 (f"DFlash block {args.block_size} ({weights})", total / dflash_time, f"tau {tau:.2f}"),
+                 (f"bandwidth floor, plain ({weights})", 1000 / floor_ms, f"{weight_bytes_per_forward(model) / 1e6:.0f} MB/forward")]
+        print(rows[-4:], flush=True)
+
+    llama = time_llama_cpp(embedded_gguf_path(), prompts, n, args.threads)
+    if llama is None:
+        print("llama.cpp: llama-cpp-python is not installed; skipped")
+    else:
+        llama_time, llama_out = llama
+        agree = sum(a == b for a, b in zip(llama_out, plain_out))
+        results["llama_cpp_tok_s"] = total / llama_time
+        rows.append(("llama.cpp Q4_1 GGUF", total / llama_time, f"same tokens as the engine (fp16) {agree}/{len(prompts)}"))
+
+    reference = results.get("llama_cpp_tok_s") or results["float32"]["generate_tok_s"]
+    name = "llama.cpp" if "llama_cpp_tok_s" in results else "generate (float32)"
+    print(f"\n{len(prompts)} GSM8K prompts x {n} new tokens, {args.threads} threads\n")
+    print(f"| method | tok/s | vs {name} | note |\n|---|---|---|---|")
+    for method, speed, note in rows:
+        print(f"| {method} | {speed:.2f} | {speed / reference:.2f}x | {note} |")
+    if args.output:
+        Path(args.output).write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    main()

@@ -1,0 +1,100 @@
+"""Half-size weights for CPU targets: every linear layer's weight stored in float16 in fbgemm's
+packed layout, multiplied with float32 activations and float32 accumulation.
+
+Why: on a CPU a one-token forward is bound by reading the weights, and this machine kind has
+no fast bf16/fp16 arithmetic. fbgemm's fp16 GEMM converts the weights to float32 in registers
+(F16C), so it reads half the bytes and still computes in float32: a one-token forward of
+SmolLM2-135M drops from ~62 ms to ~24 ms (docs/performance.md).
+
+What changes: the weights are rounded to float16 once (the target is a slightly different
+model from the float32 one; speculative decoding is exact against plain decoding of this same
+model). What stays exact: each output row depends on its own input row only (no per-batch
+activation scales, unlike int8 dynamic quantization), so verifying a block gives the same
+numbers as running its tokens one by one, which is what keeps speculation lossless.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from dflash.errors import DFlashError
+
+CPU_WEIGHT_FORMATS = ("float32", "fp16")
+
+
+class PackedFp16Linear(torch.nn.Module):
+    """A drop-in `nn.Linear` (inference only) holding its weight as packed float16.
+
+    `weight` keeps the original float32 tensor when another module shares it (a tied
+    embedding / LM head) so gathers of a few rows (a drafter's smaller vocabulary) still work;
+    otherwise it is dropped to free the memory.
+    """
+
+    def __init__(self, linear: torch.nn.Linear, keep_weight: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach()
+        bias = None if linear.bias is None else linear.bias.detach().float()
+        self._packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), bias)
+        self.weight = linear.weight if keep_weight else None
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features), self._packed)
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=fp16 (fbgemm packed)"
+
+
+def pack_fp16_linears(model: torch.nn.Module) -> int:
+    """Replace every `nn.Linear` of `model` in place by a `PackedFp16Linear`; returns how many.
+
+    The model must be a float32 model on the CPU (fbgemm is a CPU library).
+    """
+    if "fbgemm" not in torch.backends.quantized.supported_engines:
+        raise DFlashError("fp16 CPU weights need PyTorch's fbgemm backend, which this build lacks")
+    params = list(model.parameters())
+    if params and (params[0].device.type != "cpu" or params[0].dtype != torch.float32):
+        raise DFlashError(f"fp16 CPU weights need a float32 model on the CPU, got {params[0].dtype} on "
+                          f"{params[0].device}: drop --cpu-weights or load with --device cpu --dtype float32")
+    shared = {id(p) for m in model.modules() if not isinstance(m, torch.nn.Linear)
+              for p in m.parameters(recurse=False)}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None:  # a drafter's smaller vocabulary gathers rows of it
+        shared.add(id(head.weight))
+    count = 0
+    for module in list(model.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, torch.nn.Linear):
+                setattr(module, name, PackedFp16Linear(child, keep_weight=id(child.weight) in shared))
+                count += 1
+    return count
+
+
+def apply_cpu_weights(model: Any, cpu_weights: str | None) -> Any:
+    """Store the target's weights as `cpu_weights` (one of CPU_WEIGHT_FORMATS); float32 (or
+    None) leaves the model as it is."""
+    if cpu_weights in (None, "float32"):
+        return model
+    if cpu_weights != "fp16":
+        raise DFlashError(f"unknown CPU weight format {cpu_weights!r}; choose from {', '.join(CPU_WEIGHT_FORMATS)}")
+    pack_fp16_linears(model)
+    return model
+
+
+def rows_of(linear: torch.nn.Module, rows: torch.Tensor) -> torch.nn.Module:
+    """A linear layer computing only the output `rows` of `linear` (in that order), stored the
+    way `linear` is (plain or packed fp16)."""
+    weight = linear.weight.detach()[rows]
+    bias = None if linear.bias is None else linear.bias.detach()[rows]
+    part = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
+                           device=weight.device, dtype=weight.dtype)
+    with torch.no_grad():
+        part.weight.copy_(weight)
+        if bias is not None:
+            part.bias.copy_(bias)
+    return PackedFp16Linear(part) if isinstance(linear, PackedFp16Linear) else part

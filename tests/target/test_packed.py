@@ -1,0 +1,83 @@
+"""fp16 CPU weights (--cpu-weights fp16): exact against the same packed model's own decoding."""
+
+import pytest
+import torch
+from helpers import PROMPTS, greedy_reference, oracle_for, tiny_target
+
+from dflash import DFlashDraftModel, chat_input_ids, default_drafter_path, generate, load_target
+from dflash.errors import DFlashError
+from dflash.target.packed import PackedFp16Linear, apply_cpu_weights, pack_fp16_linears
+
+
+def test_packed_rows_do_not_depend_on_their_batch():
+    """What keeps verification exact: a row's output is the same alone or among others."""
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(96, 200, bias=True)
+    packed = PackedFp16Linear(layer)
+    x = torch.randn(16, 96)
+    together = packed(x)
+    for i in range(16):
+        assert torch.equal(packed(x[i:i + 1]), together[i:i + 1])
+    rounded = torch.nn.functional.linear(x, layer.weight.half().float(), layer.bias)
+    torch.testing.assert_close(together, rounded, rtol=1e-4, atol=1e-4)  # fp16 weights, fp32 math
+    assert not torch.allclose(together, layer(x), rtol=0, atol=1e-7)      # and not the fp32 model
+
+
+def test_pack_replaces_every_linear_and_keeps_the_shared_head():
+    model = tiny_target("llama", tie_word_embeddings=True)
+    linears = sum(isinstance(m, torch.nn.Linear) for m in model.modules())
+    assert pack_fp16_linears(model) == linears
+    assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
+    head = model.get_output_embeddings()
+    assert head.weight is model.get_input_embeddings().weight  # drafters gather rows of it
+    assert model.model.layers[0].mlp.up_proj.weight is None    # unshared: memory freed
+
+
+def test_refuses_what_it_cannot_pack():
+    with pytest.raises(DFlashError, match="float32 model on the CPU"):
+        pack_fp16_linears(tiny_target("llama").to(torch.bfloat16))
+    with pytest.raises(DFlashError, match="unknown CPU weight format"):
+        apply_cpu_weights(tiny_target("llama"), "int3")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_speculative_equals_plain_on_a_packed_target(family):
+    model = tiny_target(family)
+    pack_fp16_linears(model)
+    torch.manual_seed(1)
+    drafter = DFlashDraftModel.from_target(model, num_layers=1, block_size=8).eval()
+    for seed in range(3):
+        ids = torch.randint(1, 128, (1, 9), generator=torch.Generator().manual_seed(seed))
+        reference = greedy_reference(model, ids, 48)
+        plain = generate(model, None, ids, max_new_tokens=48)
+        assert torch.equal(plain.output_ids, reference)
+        assert torch.equal(generate(model, drafter, ids, max_new_tokens=48, block_size=8).output_ids, reference)
+        oracle = oracle_for(drafter, reference, wrong_every=2, wrong_at=3)
+        stats = generate(model, oracle, ids, max_new_tokens=48, block_size=8)
+        assert torch.equal(stats.output_ids, reference)
+        assert {4, 8} <= set(stats.acceptance_lengths)  # full blocks and mid-block rollbacks
+
+
+@pytest.fixture(scope="module")
+def smollm_fp16():
+    return load_target(device="cpu", cpu_weights="fp16")
+
+
+def test_shipped_drafter_is_lossless_on_the_fp16_smollm2(smollm_fp16, smollm):
+    torch.set_num_threads(2)
+    model, tok = smollm_fp16
+    drafter = DFlashDraftModel.from_pretrained(str(default_drafter_path()), device="cpu")
+    differs = 0
+    for prompt in PROMPTS[:4]:
+        ids = torch.tensor([chat_input_ids(tok, prompt)])
+        reference = greedy_reference(model, ids, 48)
+        assert torch.equal(generate(model, None, ids, max_new_tokens=48).output_ids, reference)
+        stats = generate(model, drafter, ids, max_new_tokens=48, block_size=8)
+        assert torch.equal(stats.output_ids, reference)
+        assert stats.tau > 1.0
+        with torch.no_grad():  # the packed model is a (slightly) different model
+            a = model(ids).logits[0, -1]
+            b = smollm[0](ids).logits[0, -1]
+        differs += not torch.equal(a, b)
+        torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
+    assert differs == 4
