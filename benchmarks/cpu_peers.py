@@ -11,7 +11,7 @@
 Every method decodes the same number of new tokens per prompt (no stop tokens), greedy. The
 engine's outputs are checked identical to `generate` on the same weights.
 
-    python benchmarks/cpu_peers.py --prompts 10 --new-tokens 128 --block-size 8
+    python benchmarks/cpu_peers.py --prompts 10 --new-tokens 128
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from dflash import (DFlashDraftModel, TargetAdapter, chat_input_ids, default_dra
                     load_target)
 from dflash.datasets import eval_prompts
 from dflash.target.loader import embedded_gguf_path
+from dflash.target.packed import pack_fp16_linears
 
 
 def memory_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
@@ -141,7 +142,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompts", type=int, default=10, help="first N GSM8K test prompts (default 10)")
     parser.add_argument("--new-tokens", type=int, default=128, help="new tokens per prompt (default 128)")
-    parser.add_argument("--block-size", type=int, default=8, help="DFlash block size (default 8)")
+    parser.add_argument("--block-size", type=int, default=4, help="DFlash block size (default 4)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="threads for torch and llama.cpp (default: torch's)")
     parser.add_argument("--data-dir", default=None, help="datasets folder (default: $DFLASH_DATA_DIR)")
@@ -157,15 +158,17 @@ def main() -> None:
     models = {"float32": load_target(device="cpu")}
     models["fp16"] = load_target(device="cpu", cpu_weights="fp16")
     tokenizer = models["float32"][1]
-    drafter = DFlashDraftModel.from_pretrained(str(default_drafter_path()), device="cpu")
+    drafters = {w: DFlashDraftModel.from_pretrained(str(default_drafter_path()), device="cpu") for w in models}
+    pack_fp16_linears(drafters["fp16"])  # as `--cpu-weights fp16` does
     questions = [turns[0] for turns in eval_prompts("gsm8k", args.data_dir, limit=args.prompts)]
     prompts = [torch.tensor([chat_input_ids(tokenizer, q)]) for q in questions]
     n, total = args.new_tokens, args.new_tokens * len(prompts)
 
     rows: list[tuple[str, float, str]] = []
     for weights, (model, _) in models.items():
+        drafter = drafters[weights]
         floor_ms = weight_bytes_per_forward(model) / bandwidth / 1e6
-        costs = step_costs(model, prompts[0], (1, 4, args.block_size, 16))
+        costs = step_costs(model, prompts[0], tuple(sorted({1, 4, 8, 16, args.block_size})))
         results[f"step_ms_{weights}"] = costs
         results[f"floor_ms_{weights}"] = floor_ms
         print(f"[{weights}] one step {costs[1]:.1f} ms (bandwidth floor {floor_ms:.1f} ms); verify "

@@ -242,11 +242,11 @@ class DFlashDraftModel(nn.Module):
 
     @property
     def device(self) -> torch.device:
-        return self.fc.weight.device
+        return self.norm.weight.device  # (not a linear layer's: those may be packed, weightless)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.fc.weight.dtype
+        return self.norm.weight.dtype
 
     # --- the network ---------------------------------------------------------------------------
 

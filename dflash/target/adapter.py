@@ -125,6 +125,10 @@ class TargetAdapter:
         batch passes `attention_mask` ([batch, cached + n], 0 for slots a row does not own) and
         its own `position_ids`."""
         rollback = self._rollback
+        lean = getattr(self.model, "_dflash_lean", None)  # the fp16 CPU target's own forward
+        if lean is not None and attention_mask is None and position_ids is None:
+            logits, kept = lean(ids, cache, logits_to_keep, self.layer_ids if features else ())
+            return TargetOutput(logits=logits, features=torch.cat(kept, dim=-1) if features else None)
         if attention_mask is not None and rollback.windowed:
             attention_mask = rollback.window_masks(cache, attention_mask, ids.shape[1], self.embedding.weight.dtype)
         rollback.before_forward(cache)

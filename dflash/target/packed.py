@@ -83,7 +83,17 @@ def apply_cpu_weights(model: Any, cpu_weights: str | None) -> Any:
     if cpu_weights != "fp16":
         raise DFlashError(f"unknown CPU weight format {cpu_weights!r}; choose from {', '.join(CPU_WEIGHT_FORMATS)}")
     pack_fp16_linears(model)
+    from dflash.target.lean import lean_forward_for
+
+    model._dflash_lean = lean_forward_for(model)  # TargetAdapter runs it where it applies
     return model
+
+
+def weight_of(linear: torch.nn.Module) -> torch.Tensor:
+    """The float32 weight a linear layer computes with (for a packed one: its fp16 values)."""
+    if isinstance(linear, PackedFp16Linear):
+        return torch.ops.quantized.linear_unpack_fp16(linear._packed)[0].float()
+    return linear.weight.detach().float()
 
 
 def rows_of(linear: torch.nn.Module, rows: torch.Tensor) -> torch.nn.Module:

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import PROMPTS, greedy_reference, oracle_for, tiny_target
 
-from dflash import DFlashDraftModel, chat_input_ids, default_drafter_path, generate, load_target
+from dflash import DFlashDraftModel, TargetAdapter, chat_input_ids, default_drafter_path, generate, load_target
 from dflash.errors import DFlashError
 from dflash.target.packed import PackedFp16Linear, apply_cpu_weights, pack_fp16_linears
 
@@ -42,20 +42,40 @@ def test_refuses_what_it_cannot_pack():
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 def test_speculative_equals_plain_on_a_packed_target(family):
-    model = tiny_target(family)
-    pack_fp16_linears(model)
+    """llama runs the lean forward, qwen3 the packed transformers one: either way drafts of any
+    quality give exactly the packed model's own greedy decoding."""
+    model = apply_cpu_weights(tiny_target(family), "fp16")
+    assert (model._dflash_lean is not None) == (family == "llama")
     torch.manual_seed(1)
     drafter = DFlashDraftModel.from_target(model, num_layers=1, block_size=8).eval()
     for seed in range(3):
         ids = torch.randint(1, 128, (1, 9), generator=torch.Generator().manual_seed(seed))
-        reference = greedy_reference(model, ids, 48)
         plain = generate(model, None, ids, max_new_tokens=48)
-        assert torch.equal(plain.output_ids, reference)
-        assert torch.equal(generate(model, drafter, ids, max_new_tokens=48, block_size=8).output_ids, reference)
-        oracle = oracle_for(drafter, reference, wrong_every=2, wrong_at=3)
+        if family != "llama":
+            assert torch.equal(plain.output_ids, greedy_reference(model, ids, 48))
+        assert torch.equal(generate(model, drafter, ids, max_new_tokens=48, block_size=8).output_ids, plain.output_ids)
+        oracle = oracle_for(drafter, plain.output_ids, wrong_every=2, wrong_at=3)
         stats = generate(model, oracle, ids, max_new_tokens=48, block_size=8)
-        assert torch.equal(stats.output_ids, reference)
+        assert torch.equal(stats.output_ids, plain.output_ids)
         assert {4, 8} <= set(stats.acceptance_lengths)  # full blocks and mid-block rollbacks
+
+
+def test_lean_forward_computes_what_the_packed_model_computes():
+    """The lean Llama forward (fused GEMMs, one RoPE, fused RMSNorm) against the packed
+    transformers forward on the same weights: prefill, then a block after the cache, logits and
+    the hidden states a drafter reads."""
+    model = apply_cpu_weights(tiny_target("llama", tie_word_embeddings=True), "fp16")
+    adapter = TargetAdapter(model, [0, 2, 3])
+    ids = torch.randint(1, 128, (1, 20), generator=torch.Generator().manual_seed(0))
+    lean_cache, hf_cache = adapter.new_cache(), adapter.new_cache()
+    for part in (ids[:, :12], ids[:, 12:]):
+        lean = adapter.forward(part, lean_cache)
+        hf = model(input_ids=part, past_key_values=hf_cache, use_cache=True, output_hidden_states=True)
+        torch.testing.assert_close(lean.logits, hf.logits, rtol=1e-4, atol=1e-4)
+        hf_features = torch.cat([hf.hidden_states[i + 1] for i in (0, 2, 3)], dim=-1)
+        torch.testing.assert_close(lean.features, hf_features, rtol=1e-4, atol=1e-4)
+    assert lean_cache.get_seq_length() == hf_cache.get_seq_length() == 20
+    torch.testing.assert_close(lean_cache.layers[3].keys, hf_cache.layers[3].keys, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -67,11 +87,13 @@ def test_shipped_drafter_is_lossless_on_the_fp16_smollm2(smollm_fp16, smollm):
     torch.set_num_threads(2)
     model, tok = smollm_fp16
     drafter = DFlashDraftModel.from_pretrained(str(default_drafter_path()), device="cpu")
+    pack_fp16_linears(drafter)
+    assert model._dflash_lean is not None
     differs = 0
     for prompt in PROMPTS[:4]:
         ids = torch.tensor([chat_input_ids(tok, prompt)])
-        reference = greedy_reference(model, ids, 48)
-        assert torch.equal(generate(model, None, ids, max_new_tokens=48).output_ids, reference)
+        reference = greedy_reference(model, ids, 48)  # the packed transformers forward
+        assert torch.equal(generate(model, None, ids, max_new_tokens=48).output_ids, reference)  # the lean one
         stats = generate(model, drafter, ids, max_new_tokens=48, block_size=8)
         assert torch.equal(stats.output_ids, reference)
         assert stats.tau > 1.0
