@@ -53,6 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"per turn (default: {DEFAULT_MAX_NEW_TOKENS})")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--block-size", type=int, default=None, help="draft block (local; default: the drafter's)")
+    g.add_argument("--draft-threshold", type=float, default=0.0, metavar="P",
+                   help="local: verify only the leading drafts whose top probabilities, multiplied up, stay >= P "
+                        "(default: 0 = the whole block)")
     g.add_argument("--enable-thinking", action="store_true", help="ask the chat template for thinking mode")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--no-baseline", action="store_true", help="local: skip plain decoding (no speedup)")
@@ -91,6 +94,8 @@ def check(args: argparse.Namespace) -> list[int]:
         raise DFlashError("--temperature must not be negative")
     if args.block_size is not None and args.block_size < 1:
         raise DFlashError("--block-size must be at least 1")
+    if not 0 <= args.draft_threshold < 1:
+        raise DFlashError("--draft-threshold must be in [0, 1)")
     try:
         levels = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
     except ValueError:
@@ -170,7 +175,8 @@ def run_in_process(args: argparse.Namespace, prompts: dict[str, list[list[str]]]
             records = run_local(model, drafter, tokenizer, prompts, block_size=block_size,
                                 max_new_tokens=args.max_new_tokens, sampling=sampling, stops=stops,
                                 baseline=not args.no_baseline and block_size > 1, peers=peers,
-                                enable_thinking=args.enable_thinking, seed=args.seed, progress=bar.update)
+                                enable_thinking=args.enable_thinking, seed=args.seed, progress=bar.update,
+                                draft_threshold=args.draft_threshold)
         records = gather(records)
     finally:
         if world > 1:
@@ -210,7 +216,8 @@ def run_server(args: argparse.Namespace, levels: list[int], prompts: dict[str, l
             with _progress(total, args.no_progress, f"{label} c={level}") as bar:
                 result = run_http(url, args.target, prompts, level, max_tokens=args.max_new_tokens,
                                   temperature=args.temperature, api_key=args.api_key,
-                                  enable_thinking=args.enable_thinking, seed=args.seed, progress=bar.update)
+                                  enable_thinking=args.enable_thinking, seed=args.seed, progress=bar.update,
+                                draft_threshold=args.draft_threshold)
             s = report.summarize_http(result)
             raw.append({"label": label, "concurrency": level, "model": result["model"], "records": result["records"]})
             if label == "dflash":

@@ -136,7 +136,7 @@ class TransformersGenerate(Peer):
 def run_local(target: Any, drafter: Any, tokenizer: Any, prompts: dict[str, list[list[str]]], *,
               block_size: int, max_new_tokens: int, sampling: SamplingParams, stops: list[int],
               baseline: bool = True, peers: Sequence[Peer] = (), enable_thinking: bool = False,
-              seed: int = 0, progress: Any = None) -> list[PromptRecord]:
+              seed: int = 0, progress: Any = None, draft_threshold: float = 0.0) -> list[PromptRecord]:
     """Decode every prompt of every dataset with DFlash, then plainly, then with each peer.
     `progress(n)` is called after each prompt."""
     options = dict(max_new_tokens=max_new_tokens, sampling=sampling, stop_token_ids=stops)
@@ -145,7 +145,7 @@ def run_local(target: Any, drafter: Any, tokenizer: Any, prompts: dict[str, list
     def engine(size: int, index: int) -> Callable[[torch.Tensor], GenerationStats]:
         generator = None if sampling.greedy else torch.Generator(device=device).manual_seed(seed + index)
         return lambda ids: generate(target, drafter if size > 1 else None, ids, block_size=size,
-                                    generator=generator, **options)
+                                    generator=generator, draft_threshold=draft_threshold, **options)
 
     warm = torch.tensor([[stops[0]] * 4])  # one-off costs (allocations, kernels) stay out of the timings
     generate(target, drafter, warm, block_size=block_size, max_new_tokens=4, sampling=sampling)

@@ -38,6 +38,10 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, block_size: bool = T
     if block_size:
         group.add_argument("--block-size", type=int, default=None,
                            help="tokens per draft block, 1 = plain decoding (default: the drafter's trained size)")
+        group.add_argument("--draft-threshold", type=float, default=0.0, metavar="P",
+                           help="verify only the leading drafts whose top probabilities, multiplied up, stay "
+                                ">= P: shorter blocks where the drafter guesses, same output (default: 0 = "
+                                "verify the whole block; 0.1 with --cpu-weights fp16 --block-size 4 on a CPU)")
     group.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                        help=f"stop after this many new tokens (default: {DEFAULT_MAX_NEW_TOKENS})")
     group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

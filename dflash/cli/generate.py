@@ -49,7 +49,8 @@ def run(args: argparse.Namespace) -> int:
     stats = GenerationStats()
     generator = make_generator(args.seed, model.device)
     printed = ""
-    for _ in stream(model, drafter, ids, block_size=block_size, generator=generator, stats=stats, **options):
+    for _ in stream(model, drafter, ids, block_size=block_size, generator=generator, stats=stats,
+                    draft_threshold=args.draft_threshold, **options):
         text = tokenizer.decode(stats.new_tokens, skip_special_tokens=True)
         if text.startswith(printed):  # print only what is new (multi-byte characters complete late)
             sys.stdout.write(text[len(printed):])

@@ -15,7 +15,8 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
-from dflash.decode.sampling import SamplingParams, greedy_accept, logits_to_probs, rejection_accept, sample
+from dflash.decode.sampling import (SamplingParams, confident_prefix, greedy_accept, logits_to_probs, rejection_accept,
+                                    sample)
 from dflash.errors import DFlashError
 from dflash.target.adapter import TargetAdapter
 
@@ -81,16 +82,21 @@ def stream(
     stop_token_ids: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
     stats: GenerationStats | None = None,
+    draft_threshold: float = 0.0,
 ) -> Iterator[list[int]]:
     """Yield the new tokens of each step. `stats` (if given) is filled in as it goes.
 
     `target` is a Hugging Face causal LM or a TargetAdapter; `drafter` a DFlashDraftModel (or
     anything with its `propose`/`new_cache`/`config`), or None for block size 1.
+    `draft_threshold` > 0 verifies only the drafts the drafter is that sure of, multiplied up
+    (`confident_prefix`): shorter blocks when it guesses, same output.
     """
     if max_new_tokens < 1:
         raise DFlashError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
     if block_size < 1:
         raise DFlashError(f"block_size must be at least 1, got {block_size}")
+    if not 0 <= draft_threshold < 1:
+        raise DFlashError(f"draft_threshold must be in [0, 1), got {draft_threshold}")
     drafting = block_size > 1
     if drafting:
         if drafter is None:
@@ -147,6 +153,11 @@ def stream(
                     q = logits_to_probs(draft_logits, sampling)
                     block[0, 1:] = sample(q, generator)
                 context = None
+                if draft_threshold > 0:
+                    probs = q if q is not None else draft_logits.softmax(-1)
+                    size = 1 + confident_prefix(probs, draft_threshold)
+                    block = block[:, :size]
+                    q = q[: size - 1] if q is not None else None
             out = adapter.forward(block, cache, features=drafting)
             logits = out.logits[0]                                           # [size, V]
             if sampling.greedy:
@@ -195,11 +206,12 @@ def generate(
     block_size: int = 1,
     stop_token_ids: Sequence[int] | None = None,
     generator: torch.Generator | None = None,
+    draft_threshold: float = 0.0,
 ) -> GenerationStats:
     """Run `stream` to the end; the stats hold `output_ids` (prompt + new)."""
     stats = GenerationStats()
     for _ in stream(target, drafter, input_ids, max_new_tokens=max_new_tokens, sampling=sampling,
                     block_size=block_size, stop_token_ids=stop_token_ids, generator=generator,
-                    stats=stats):
+                    stats=stats, draft_threshold=draft_threshold):
         pass
     return stats

@@ -302,7 +302,9 @@ class DFlashDraftModel(nn.Module):
         hidden = self(noise, context_features.to(self.dtype), positions[0], positions[1], cache, attn_mask)
         if self.draft_vocab is None:
             return target.lm_head(hidden[:, 1:])
-        vocab = self.draft_vocab.to(hidden.device)
+        if self.draft_vocab.device != hidden.device:  # moved once: the target caches its rows by identity
+            self.draft_vocab = self.draft_vocab.to(hidden.device)
+        vocab = self.draft_vocab
         small = target.lm_head(hidden[:, 1:], vocab=vocab)
         logits = small.new_full((*small.shape[:-1], target.vocab_size), float("-inf"))
         return logits.index_copy_(-1, vocab, small)  # tokens outside the draft vocabulary are never proposed

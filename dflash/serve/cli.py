@@ -165,7 +165,8 @@ def run_chat(args: argparse.Namespace) -> int:
         sys.stdout.write("assistant> ")
         try:
             for _ in stream(model, drafter, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling,
-                            block_size=block, stop_token_ids=stops, generator=generator, stats=stats):
+                            block_size=block, stop_token_ids=stops, generator=generator, stats=stats,
+                            draft_threshold=args.draft_threshold):
                 text = tokenizer.decode(stats.new_tokens, skip_special_tokens=True)
                 if text.startswith(printed):
                     sys.stdout.write(text[len(printed):])

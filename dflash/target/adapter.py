@@ -98,7 +98,7 @@ class TargetAdapter:
         if vocab is None:
             return self.head(hidden)
         cached = getattr(self, "_vocab_head", None)
-        if cached is None or cached[0] is not vocab:  # gathered once per vocabulary, not per draft
+        if cached is None or cached[0] is not vocab:  # a drafter's rows are gathered once, not per draft
             cached = (vocab, rows_of(self.head, vocab))
             self._vocab_head = cached
         return cached[1](hidden)

@@ -39,6 +39,8 @@ def _fused(*linears: torch.nn.Module) -> PackedFp16Linear:
 
 
 class LeanLayer:
+    """One decoder layer's weights as the lean forward uses them (fused, packed)."""
+
     def __init__(self, layer: Any, config: Any) -> None:
         attn, mlp = layer.self_attn, layer.mlp
         self.qkv = _fused(attn.q_proj, attn.k_proj, attn.v_proj)

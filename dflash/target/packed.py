@@ -97,14 +97,13 @@ def weight_of(linear: torch.nn.Module) -> torch.Tensor:
 
 
 def rows_of(linear: torch.nn.Module, rows: torch.Tensor) -> torch.nn.Module:
-    """A linear layer computing only the output `rows` of `linear` (in that order), stored the
-    way `linear` is (plain or packed fp16)."""
+    """A frozen linear layer computing only the output `rows` of `linear` (in that order),
+    stored the way `linear` is (plain or packed fp16)."""
     weight = linear.weight.detach()[rows]
     bias = None if linear.bias is None else linear.bias.detach()[rows]
-    part = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None,
-                           device=weight.device, dtype=weight.dtype)
-    with torch.no_grad():
-        part.weight.copy_(weight)
-        if bias is not None:
-            part.bias.copy_(bias)
+    part = torch.nn.utils.skip_init(torch.nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
+                                    device=weight.device, dtype=weight.dtype)
+    part.weight = torch.nn.Parameter(weight, requires_grad=False)
+    if bias is not None:
+        part.bias = torch.nn.Parameter(bias, requires_grad=False)
     return PackedFp16Linear(part) if isinstance(linear, PackedFp16Linear) else part

@@ -4,7 +4,7 @@ import pytest
 import torch
 from helpers import greedy_reference, oracle_for, tiny_target
 
-from dflash import DFlashDraftModel, generate
+from dflash import DFlashDraftModel, TargetAdapter, generate
 from dflash.errors import DFlashError, IncompatibleDrafterError
 
 
@@ -76,3 +76,30 @@ def test_mismatched_drafter_is_refused(pair, change, message):
     wrong = DFlashDraftModel.from_target(other, num_layers=1, block_size=4, mask_token_id=3)
     with pytest.raises(IncompatibleDrafterError, match=message):
         wrong.spec_generate(input_ids=torch.tensor([[1, 2, 3]]), target=model)
+
+
+def test_confidence_threshold_shortens_blocks_and_keeps_greedy_output(monkeypatch):
+    """A random drafter is unsure: with a threshold most blocks shrink to the anchor alone; an
+    oracle is sure: full blocks. Either way the output is plain decoding's."""
+    model = tiny_target("llama")
+    torch.manual_seed(2)
+    drafter = DFlashDraftModel.from_target(model, num_layers=1, block_size=8).eval()
+    ids = torch.randint(1, 128, (1, 7), generator=torch.Generator().manual_seed(4))
+    reference = greedy_reference(model, ids, 40)
+    sizes = []
+    forward = TargetAdapter.forward
+
+    def counting(self, block, *args, **kwargs):
+        sizes.append(block.shape[1])
+        return forward(self, block, *args, **kwargs)
+    monkeypatch.setattr(TargetAdapter, "forward", counting)
+    stats = generate(model, drafter, ids, max_new_tokens=40, block_size=8, draft_threshold=0.5)
+    assert torch.equal(stats.output_ids, reference)
+    assert sizes[1:] and max(sizes[1:]) < 8 and sizes[1:].count(1) > len(sizes[1:]) // 2
+    sizes.clear()
+    oracle = oracle_for(drafter, reference)
+    stats = generate(model, oracle, ids, max_new_tokens=40, block_size=8, draft_threshold=0.5)
+    assert torch.equal(stats.output_ids, reference)
+    assert stats.acceptance_lengths[:4] == [8, 8, 8, 8]
+    with pytest.raises(DFlashError, match="draft_threshold"):
+        generate(model, drafter, ids, max_new_tokens=4, block_size=8, draft_threshold=1.0)

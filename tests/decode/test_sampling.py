@@ -7,7 +7,7 @@ from helpers import tiny_target
 
 import dflash.decode.engine as engine
 from dflash import DFlashDraftModel, SamplingParams, generate
-from dflash.decode.sampling import greedy_accept, logits_to_probs, rejection_accept, sample
+from dflash.decode.sampling import confident_prefix, greedy_accept, logits_to_probs, rejection_accept, sample
 
 V = 8
 
@@ -74,11 +74,12 @@ def exact_joint(model, prompt: torch.Tensor, params: SamplingParams) -> torch.Te
     return p1[:, None, None] * p2[:, :, None] * p3
 
 
-def sample_joint(model, drafter, prompt, params, runs: int, seed: int) -> torch.Tensor:
+def sample_joint(model, drafter, prompt, params, runs: int, seed: int, draft_threshold: float = 0.0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     counts = torch.zeros(V, V, V)
     for _ in range(runs):
-        stats = generate(model, drafter, prompt, max_new_tokens=3, sampling=params, block_size=3, generator=g)
+        stats = generate(model, drafter, prompt, max_new_tokens=3, sampling=params, block_size=3, generator=g,
+                         draft_threshold=draft_threshold)
         a, b, c = stats.new_tokens
         counts[a, b, c] += 1
     return counts
@@ -90,6 +91,31 @@ class UniformDrafter(DFlashDraftModel):
     def propose(self, target, block_ids, context_features, cache):
         cache.length += context_features.shape[1]
         return torch.zeros(1, block_ids.shape[1] - 1, self.config.vocab_size)
+
+
+class MoodyDrafter(DFlashDraftModel):
+    """Sure of token 2 (q = 0.9) on some calls, flat on others, so a confidence threshold
+    verifies two, one or no drafts from step to step."""
+
+    calls = 0
+
+    def propose(self, target, block_ids, context_features, cache):
+        cache.length += context_features.shape[1]
+        MoodyDrafter.calls += 1
+        logits = torch.zeros(1, block_ids.shape[1] - 1, self.config.vocab_size)
+        sure = [self.calls % 3 != 0, self.calls % 2 == 0]
+        for i in range(logits.shape[1]):
+            if sure[i % 2]:
+                logits[0, i, 2] = 4.15  # e^4.15 / (e^4.15 + 7) ~ 0.9
+        return logits
+
+
+def test_confident_prefix_multiplies_top_probabilities():
+    probs = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]])
+    assert confident_prefix(probs, 0.0) == 3
+    assert confident_prefix(probs, 0.4) == 2    # 0.9, 0.45, 0.36
+    assert confident_prefix(probs, 0.35) == 3
+    assert confident_prefix(probs, 0.95) == 0
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +146,17 @@ def test_speculative_sampling_preserves_target_distribution(tiny_pair, params, w
     counts = sample_joint(model, drafter, prompt, params, runs=2500, seed=11)
     # four tests at 1e-3: a correct sampler fails this assert with probability < 0.4 %
     assert min(marginal_pvalues(counts, joint)) > 1e-3
+
+
+def test_confidence_threshold_preserves_target_distribution(tiny_pair):
+    """Verifying fewer drafts when the drafter is unsure keeps sampling exact: the rule reads
+    the draft distributions, never the drawn tokens."""
+    model, untrained, _ = tiny_pair
+    drafter = MoodyDrafter(untrained.config).eval()
+    params = SamplingParams(temperature=1.0)
+    prompt = torch.tensor([[1, 4, 2, 6, 3]])
+    counts = sample_joint(model, drafter, prompt, params, runs=2500, seed=13, draft_threshold=0.5)
+    assert min(marginal_pvalues(counts, exact_joint(model, prompt, params))) > 1e-3
 
 
 def exact_match_accept(draft, q, p, generator=None):
