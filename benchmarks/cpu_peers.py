@@ -102,11 +102,11 @@ def time_hf(model: Any, prompts: list[torch.Tensor], n: int) -> tuple[float, lis
     return elapsed, outputs
 
 
-def time_engine(model: Any, drafter: Any, prompts: list[torch.Tensor], n: int,
-                block: int) -> tuple[float, list[list[int]], list[int]]:
+def time_engine(model: Any, drafter: Any, prompts: list[torch.Tensor], n: int, block: int,
+                threshold: float = 0.0) -> tuple[float, list[list[int]], list[int]]:
     outputs, elapsed, accepted = [], 0.0, []
     for ids in prompts:
-        stats = generate(model, drafter, ids, max_new_tokens=n, block_size=block)
+        stats = generate(model, drafter, ids, max_new_tokens=n, block_size=block, draft_threshold=threshold)
         elapsed += stats.total_time
         outputs.append(stats.new_tokens)
         accepted += stats.acceptance_lengths
@@ -143,6 +143,8 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=10, help="first N GSM8K test prompts (default 10)")
     parser.add_argument("--new-tokens", type=int, default=128, help="new tokens per prompt (default 128)")
     parser.add_argument("--block-size", type=int, default=4, help="DFlash block size (default 4)")
+    parser.add_argument("--draft-threshold", type=float, default=0.1,
+                        help="DFlash verifies the drafts the drafter is this sure of, multiplied up (default 0.1)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(),
                         help="threads for torch and llama.cpp (default: torch's)")
     parser.add_argument("--data-dir", default=None, help="datasets folder (default: $DFLASH_DATA_DIR)")
@@ -176,7 +178,8 @@ def main() -> None:
         generate(model, drafter, prompts[0], max_new_tokens=8, block_size=args.block_size)  # warm-up
         hf_time, hf_out = time_hf(model, prompts, n)
         plain_time, plain_out, _ = time_engine(model, None, prompts, n, 1)
-        dflash_time, dflash_out, accepted = time_engine(model, drafter, prompts, n, args.block_size)
+        dflash_time, dflash_out, accepted = time_engine(model, drafter, prompts, n, args.block_size,
+                                                        args.draft_threshold)
         tau = sum(accepted) / len(accepted)
         same = sum(a == b == c for a, b, c in zip(hf_out, plain_out, dflash_out))
         results[weights] = {"generate_tok_s": total / hf_time, "plain_tok_s": total / plain_time,
@@ -184,7 +187,8 @@ def main() -> None:
                             "floor_tok_s": 1000 / floor_ms}
         rows += [(f"transformers generate ({weights})", total / hf_time, ""),
                  (f"engine plain ({weights})", total / plain_time, f"identical to generate {same}/{len(prompts)}"),
-                 (f"DFlash block {args.block_size} ({weights})", total / dflash_time, f"tau {tau:.2f}"),
+                 (f"DFlash block {args.block_size}, threshold {args.draft_threshold} ({weights})", total / dflash_time,
+                  f"tau {tau:.2f}, {total / dflash_time / (total / plain_time):.2f}x plain"),
                  (f"bandwidth floor, plain ({weights})", 1000 / floor_ms, f"{weight_bytes_per_forward(model) / 1e6:.0f} MB/forward")]
         print(rows[-4:], flush=True)
 

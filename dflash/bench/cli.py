@@ -216,8 +216,7 @@ def run_server(args: argparse.Namespace, levels: list[int], prompts: dict[str, l
             with _progress(total, args.no_progress, f"{label} c={level}") as bar:
                 result = run_http(url, args.target, prompts, level, max_tokens=args.max_new_tokens,
                                   temperature=args.temperature, api_key=args.api_key,
-                                  enable_thinking=args.enable_thinking, seed=args.seed, progress=bar.update,
-                                draft_threshold=args.draft_threshold)
+                                  enable_thinking=args.enable_thinking, seed=args.seed, progress=bar.update)
             s = report.summarize_http(result)
             raw.append({"label": label, "concurrency": level, "model": result["model"], "records": result["records"]})
             if label == "dflash":

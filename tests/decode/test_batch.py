@@ -6,31 +6,8 @@ import torch
 from dflash import DFlashDraftModel, generate
 from dflash.decode.batch import BatchEngine, BatchRequest
 from dflash.decode.sampling import SamplingParams
-from helpers import RowOracle, greedy_reference, oracle_for, tiny_target
-
-PROMPTS = [[5, 9, 13], [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17], [3], [21, 22, 23, 24, 25], [40, 41],
-           [60, 61, 62, 63, 64, 65, 66], [90, 91, 92, 93], [100] * 9]
-
-
-def run_all(engine, requests, join_every=0):
-    """Feed requests (all at once, or one every `join_every` steps); collect tokens per id."""
-    out = {r.rid: [] for r in requests}
-    done = {}
-    pending = list(requests)
-    steps = 0
-    while pending or not engine.idle:
-        if pending and (join_every == 0 or steps % join_every == 0):
-            batch = pending if join_every == 0 else pending[:1]
-            for r in batch:
-                engine.add(r)
-            pending = pending[len(batch):]
-        for o in engine.step():
-            out[o.rid] += o.tokens
-            if o.finished:
-                done[o.rid] = o.stats
-        steps += 1
-    return out, done
-
+from helpers import BATCH_PROMPTS as PROMPTS
+from helpers import RowOracle, greedy_reference, oracle_for, run_all, tiny_target
 
 @pytest.mark.parametrize("join_every", [0, 3])
 @pytest.mark.parametrize("family", ["llama", "qwen3"])

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from helpers import PROMPTS, greedy_reference, oracle_for, tiny_target
+from helpers import BATCH_PROMPTS, PROMPTS, greedy_reference, oracle_for, run_all, tiny_target
 
 from dflash import DFlashDraftModel, TargetAdapter, chat_input_ids, default_drafter_path, generate, load_target
 from dflash.errors import DFlashError
@@ -103,3 +103,18 @@ def test_shipped_drafter_is_lossless_on_the_fp16_smollm2(smollm_fp16, smollm):
         differs += not torch.equal(a, b)
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
     assert differs == 4
+
+
+def test_batched_engine_on_a_packed_target():
+    """The server's engine (ragged rows, masks: the packed transformers forward) gives every row
+    the packed model's own greedy decoding."""
+    from dflash.decode.batch import BatchEngine, BatchRequest
+
+    model = apply_cpu_weights(tiny_target("llama"), "fp16")
+    torch.manual_seed(1)
+    drafter = DFlashDraftModel.from_target(model, num_layers=1, block_size=4)
+    pack_fp16_linears(drafter)
+    engine = BatchEngine(model, drafter, block_size=4, stop_token_ids=[], max_batch_size=4)
+    out, _ = run_all(engine, [BatchRequest(i, p, 32) for i, p in enumerate(BATCH_PROMPTS)], join_every=3)
+    for i, p in enumerate(BATCH_PROMPTS):
+        assert out[i] == greedy_reference(model, torch.tensor([p]), 32)[0, len(p):].tolist(), i
