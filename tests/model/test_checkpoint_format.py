@@ -187,3 +187,15 @@ def test_draft_vocabulary_round_trips_and_limits_proposals(tmp_path):
     (tmp_path / "d" / "draft_vocab.json").write_text('{"token_ids": [1, 999]}')
     with pytest.raises(DFlashError, match="within the vocabulary"):
         DFlashDraftModel.from_pretrained(str(tmp_path / "d"))
+
+
+def test_device_mistakes_are_named_not_tracebacks():
+    from dflash.errors import DFlashError
+    from dflash.model.checkpoint import resolve_device
+
+    with pytest.raises(DFlashError, match="unknown device 'banana'"):
+        resolve_device("banana")
+    if not torch.cuda.is_available():
+        with pytest.raises(DFlashError, match="sees no CUDA GPU"):
+            resolve_device("cuda")
+    assert resolve_device("cpu").type == "cpu"
