@@ -398,6 +398,7 @@ class DFlashDraftModel(nn.Module):
         block_size: int | None = None,
         return_stats: bool = False,
         generator: torch.Generator | None = None,
+        draft_threshold: float = 0.0,
     ) -> "torch.Tensor | GenerationStats":
         """Speculative decoding with `target`: prompt + new token ids ([1, n + new]), exactly
         what the target alone would produce (greedy) or a sample from its distribution."""
@@ -413,5 +414,6 @@ class DFlashDraftModel(nn.Module):
             block_size=self.block_size if block_size is None else block_size,
             stop_token_ids=stop_token_ids,
             generator=generator,
+            draft_threshold=draft_threshold,
         )
         return stats if return_stats else stats.output_ids

@@ -98,7 +98,8 @@ def test_confidence_threshold_shortens_blocks_and_keeps_greedy_output(monkeypatc
     assert sizes[1:] and max(sizes[1:]) < 8 and sizes[1:].count(1) > len(sizes[1:]) // 2
     sizes.clear()
     oracle = oracle_for(drafter, reference)
-    stats = generate(model, oracle, ids, max_new_tokens=40, block_size=8, draft_threshold=0.5)
+    stats = oracle.spec_generate(input_ids=ids, max_new_tokens=40, target=model, block_size=8,
+                                 draft_threshold=0.5, return_stats=True)
     assert torch.equal(stats.output_ids, reference)
     assert stats.acceptance_lengths[:4] == [8, 8, 8, 8]
     with pytest.raises(DFlashError, match="draft_threshold"):
