@@ -30,7 +30,7 @@ from dflash import (DFlashDraftModel, TargetAdapter, chat_input_ids, default_dra
                     load_target)
 from dflash.datasets import eval_prompts
 from dflash.target.loader import embedded_gguf_path
-from dflash.target.packed import pack_fp16_linears
+from dflash.target.packed import PackedFp16Linear, apply_cpu_weights
 
 
 def memory_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
@@ -49,8 +49,7 @@ def weight_bytes_per_forward(model: torch.nn.Module) -> int:
     in its stored format, plus the norms; the embedding table only for one row."""
     total, seen = 0, set()
     for module in model.modules():
-        packed = getattr(module, "_packed", None)
-        if packed is not None:
+        if isinstance(module, PackedFp16Linear):
             total += module.in_features * module.out_features * 2
             seen.update(id(p) for p in module.parameters(recurse=False))
             continue
@@ -72,10 +71,10 @@ def median_ms(fn: Callable[[], Any], repeats: int = 11) -> float:
     return statistics.median(times) * 1000
 
 
-def step_costs(model: Any, prompt: torch.Tensor, blocks: tuple[int, ...]) -> dict[int, float]:
-    """Median ms of one target forward of k tokens after the prompt (features on, as DFlash
-    verification asks), for k in `blocks`; the cache is rolled back after each."""
-    adapter = TargetAdapter(model, [1, 14, 27])
+def step_costs(model: Any, layer_ids: list[int], prompt: torch.Tensor, blocks: tuple[int, ...]) -> dict[int, float]:
+    """Median ms of one target forward of k tokens after the prompt (with the drafter's features
+    `layer_ids`, as DFlash verification asks), for k in `blocks`; the cache is rolled back after each."""
+    adapter = TargetAdapter(model, layer_ids)
     cache = adapter.new_cache()
     adapter.forward(prompt, cache, logits_to_keep=1)
     length = cache.get_seq_length()
@@ -160,8 +159,8 @@ def main() -> None:
     models = {"float32": load_target(device="cpu")}
     models["fp16"] = load_target(device="cpu", cpu_weights="fp16")
     tokenizer = models["float32"][1]
-    drafters = {w: DFlashDraftModel.from_pretrained(str(default_drafter_path()), device="cpu") for w in models}
-    pack_fp16_linears(drafters["fp16"])  # as `--cpu-weights fp16` does
+    drafters = {w: apply_cpu_weights(DFlashDraftModel.from_pretrained(str(default_drafter_path()), device="cpu"), w)
+                for w in models}  # as `--cpu-weights` does
     questions = [turns[0] for turns in eval_prompts("gsm8k", args.data_dir, limit=args.prompts)]
     prompts = [torch.tensor([chat_input_ids(tokenizer, q)]) for q in questions]
     n, total = args.new_tokens, args.new_tokens * len(prompts)
@@ -169,8 +168,9 @@ def main() -> None:
     rows: list[tuple[str, float, str]] = []
     for weights, (model, _) in models.items():
         drafter = drafters[weights]
-        floor_ms = weight_bytes_per_forward(model) / bandwidth / 1e6
-        costs = step_costs(model, prompts[0], tuple(sorted({1, 4, 8, 16, args.block_size})))
+        weight_bytes = weight_bytes_per_forward(model)
+        floor_ms = weight_bytes / bandwidth / 1e6
+        costs = step_costs(model, drafter.target_layer_ids, prompts[0], tuple(sorted({1, 4, 8, 16, args.block_size})))
         results[f"step_ms_{weights}"] = costs
         results[f"floor_ms_{weights}"] = floor_ms
         print(f"[{weights}] one step {costs[1]:.1f} ms (bandwidth floor {floor_ms:.1f} ms); verify "
@@ -189,7 +189,7 @@ def main() -> None:
                  (f"engine plain ({weights})", total / plain_time, f"identical to generate {same}/{len(prompts)}"),
                  (f"DFlash block {args.block_size}, threshold {args.draft_threshold} ({weights})", total / dflash_time,
                   f"tau {tau:.2f}, {total / dflash_time / (total / plain_time):.2f}x plain"),
-                 (f"bandwidth floor, plain ({weights})", 1000 / floor_ms, f"{weight_bytes_per_forward(model) / 1e6:.0f} MB/forward")]
+                 (f"bandwidth floor, plain ({weights})", 1000 / floor_ms, f"{weight_bytes / 1e6:.0f} MB/forward")]
         print(rows[-4:], flush=True)
 
     llama = time_llama_cpp(embedded_gguf_path(), prompts, n, args.threads)

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from dflash.config import DEFAULT_TARGET
-from dflash.target.packed import CPU_WEIGHT_FORMATS
 from dflash.datasets import DATA_DIR_ENV, EVAL_SETS
 from dflash.errors import DFlashError
+from dflash.target.packed import CPU_WEIGHT_FORMATS
 
 SERVER_BACKENDS = ("openai", "vllm", "sglang")
 DEFAULT_MAX_NEW_TOKENS = 256

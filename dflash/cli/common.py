@@ -10,7 +10,7 @@ import torch
 
 from dflash.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TARGET
 from dflash.errors import DFlashError
-from dflash.target.packed import CPU_WEIGHT_FORMATS, pack_fp16_linears
+from dflash.target.packed import CPU_WEIGHT_FORMATS, apply_cpu_weights
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, draft: bool = True) -> None:
@@ -78,8 +78,7 @@ def load_models(args: argparse.Namespace, need_drafter: bool = True) -> tuple[An
     drafter = None
     if draft_path is not None and need_drafter:
         drafter = DFlashDraftModel.from_pretrained(draft_path, dtype=args.dtype, device=model.device)
-        if getattr(args, "cpu_weights", None) == "fp16":  # drafts are not checked: only speed changes
-            pack_fp16_linears(drafter)
+        apply_cpu_weights(drafter, getattr(args, "cpu_weights", None))  # drafts are not checked: only speed changes
     return model, tokenizer, drafter
 
 

@@ -153,9 +153,9 @@ def stream(
                     q = logits_to_probs(draft_logits, sampling)
                     block[0, 1:] = sample(q, generator)
                 context = None
-                if draft_threshold > 0:
-                    probs = q if q is not None else draft_logits.softmax(-1)
-                    size = 1 + confident_prefix(probs, draft_threshold)
+                if draft_threshold > 0:  # top probabilities; greedy needs no full softmax for them
+                    top = q.amax(-1) if q is not None else (draft_logits.amax(-1) - draft_logits.logsumexp(-1)).exp()
+                    size = 1 + confident_prefix(top, draft_threshold)
                     block = block[:, :size]
                     q = q[: size - 1] if q is not None else None
             out = adapter.forward(block, cache, features=drafting)

@@ -92,16 +92,13 @@ def rejection_accept(
     return n, int(sample(dist, generator))
 
 
-def confident_prefix(draft_probs: torch.Tensor, threshold: float) -> int:
+def confident_prefix(top_probs: torch.Tensor, threshold: float) -> int:
     """How many leading drafts are worth verifying: the longest prefix over which the drafter's
-    top probability at each position ([k, vocab] -> k values), multiplied up, stays >=
-    `threshold` (0 keeps them all).
+    top probability at each position (`top_probs`, [k]), multiplied up, stays >= `threshold`.
 
     Verifying a token costs time even when it is rejected (on a CPU, 4 tokens cost ~1.3x one
     step), so a drafter that knows it is guessing should not make the target check the guess.
     The rule looks at the draft distributions only, never at the tokens drawn from them: the
     verified drafts stay plain samples of q, so rejection sampling still gives exactly the
     target's distribution (and greedy output is unchanged whatever is verified)."""
-    if threshold <= 0:
-        return draft_probs.shape[0]
-    return int((draft_probs.amax(-1).cumprod(0) >= threshold).sum())
+    return int((top_probs.cumprod(0) >= threshold).sum())

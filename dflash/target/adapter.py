@@ -33,6 +33,7 @@ class TargetAdapter:
         self.layer_ids = list(layer_ids or [])
         self.embedding = model.get_input_embeddings()
         self.head = model.get_output_embeddings()
+        self._vocab_head: tuple[torch.Tensor, Any] | None = None  # (vocabulary, its rows of the head)
         if self.head is None:
             raise UnsupportedTargetError(f"{type(model).__name__} has no LM head: load it as a causal LM")
 
@@ -97,11 +98,9 @@ class TargetAdapter:
         hidden = hidden.to(self.head.weight.dtype)
         if vocab is None:
             return self.head(hidden)
-        cached = getattr(self, "_vocab_head", None)
-        if cached is None or cached[0] is not vocab:  # a drafter's rows are gathered once, not per draft
-            cached = (vocab, rows_of(self.head, vocab))
-            self._vocab_head = cached
-        return cached[1](hidden)
+        if self._vocab_head is None or self._vocab_head[0] is not vocab:  # gathered once, not per draft
+            self._vocab_head = (vocab, rows_of(self.head, vocab))
+        return self._vocab_head[1](hidden)
 
     @property
     def _rollback(self) -> CacheRollback:

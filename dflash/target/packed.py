@@ -15,7 +15,8 @@ numbers as running its tokens one by one, which is what keeps speculation lossle
 
 from __future__ import annotations
 
-from typing import Any
+import functools
+from typing import Any, Callable
 
 import torch
 
@@ -25,21 +26,26 @@ CPU_WEIGHT_FORMATS = ("float32", "fp16")
 
 
 class PackedFp16Linear(torch.nn.Module):
-    """A drop-in `nn.Linear` (inference only) holding its weight as packed float16.
+    """A drop-in `nn.Linear` (inference only) computing `x @ weight.T + bias` with the weight
+    packed as float16.
 
-    `weight` keeps the original float32 tensor when another module shares it (a tied
+    `keep` is the float32 weight to keep as `.weight` when another module shares it (a tied
     embedding / LM head) so gathers of a few rows (a drafter's smaller vocabulary) still work;
-    otherwise it is dropped to free the memory.
+    otherwise none is kept, freeing the memory.
     """
 
-    def __init__(self, linear: torch.nn.Linear, keep_weight: bool = False) -> None:
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None,
+                 keep: torch.Tensor | None = None) -> None:
         super().__init__()
-        self.in_features, self.out_features = linear.in_features, linear.out_features
-        weight = linear.weight.detach()
-        bias = None if linear.bias is None else linear.bias.detach().float()
-        self._packed = torch.ops.quantized.linear_prepack_fp16(weight.float(), bias)
-        self.weight = linear.weight if keep_weight else None
-        self.bias = linear.bias
+        self.out_features, self.in_features = weight.shape
+        self._packed = torch.ops.quantized.linear_prepack_fp16(
+            weight.detach().float(), None if bias is None else bias.detach().float())
+        self.weight = keep
+        self.bias = bias
+
+    @classmethod
+    def of(cls, linear: torch.nn.Linear, keep_weight: bool = False) -> "PackedFp16Linear":
+        return cls(linear.weight, linear.bias, linear.weight if keep_weight else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
@@ -70,14 +76,15 @@ def pack_fp16_linears(model: torch.nn.Module) -> int:
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, torch.nn.Linear):
-                setattr(module, name, PackedFp16Linear(child, keep_weight=id(child.weight) in shared))
+                setattr(module, name, PackedFp16Linear.of(child, keep_weight=id(child.weight) in shared))
                 count += 1
     return count
 
 
 def apply_cpu_weights(model: Any, cpu_weights: str | None) -> Any:
-    """Store the target's weights as `cpu_weights` (one of CPU_WEIGHT_FORMATS); float32 (or
-    None) leaves the model as it is."""
+    """Store a CPU model's linear weights as `cpu_weights` (one of CPU_WEIGHT_FORMATS): a target
+    (Llama-architecture ones also get the lean forward) or a drafter. float32 (or None) leaves
+    the model as it is."""
     if cpu_weights in (None, "float32"):
         return model
     if cpu_weights != "fp16":
@@ -96,14 +103,11 @@ def weight_of(linear: torch.nn.Module) -> torch.Tensor:
     return linear.weight.detach().float()
 
 
-def rows_of(linear: torch.nn.Module, rows: torch.Tensor) -> torch.nn.Module:
-    """A frozen linear layer computing only the output `rows` of `linear` (in that order),
-    stored the way `linear` is (plain or packed fp16)."""
+def rows_of(linear: torch.nn.Module, rows: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The function computing only the output `rows` of `linear` (in that order), with the
+    weights stored the way `linear` stores them (plain or packed fp16)."""
     weight = linear.weight.detach()[rows]
     bias = None if linear.bias is None else linear.bias.detach()[rows]
-    part = torch.nn.utils.skip_init(torch.nn.Linear, weight.shape[1], weight.shape[0], bias=bias is not None,
-                                    device=weight.device, dtype=weight.dtype)
-    part.weight = torch.nn.Parameter(weight, requires_grad=False)
-    if bias is not None:
-        part.bias = torch.nn.Parameter(bias, requires_grad=False)
-    return PackedFp16Linear(part) if isinstance(linear, PackedFp16Linear) else part
+    if isinstance(linear, PackedFp16Linear):
+        return PackedFp16Linear(weight, bias)
+    return functools.partial(torch.nn.functional.linear, weight=weight, bias=bias)

@@ -111,11 +111,11 @@ class MoodyDrafter(DFlashDraftModel):
 
 
 def test_confident_prefix_multiplies_top_probabilities():
-    probs = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]])
-    assert confident_prefix(probs, 0.0) == 3
-    assert confident_prefix(probs, 0.4) == 2    # 0.9, 0.45, 0.36
-    assert confident_prefix(probs, 0.35) == 3
-    assert confident_prefix(probs, 0.95) == 0
+    top = torch.tensor([[0.9, 0.1], [0.5, 0.5], [0.2, 0.8]]).amax(-1)
+    assert confident_prefix(top, 0.0) == 3
+    assert confident_prefix(top, 0.4) == 2    # 0.9, 0.45, 0.36
+    assert confident_prefix(top, 0.35) == 3
+    assert confident_prefix(top, 0.95) == 0
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ def test_packed_rows_do_not_depend_on_their_batch():
     """What keeps verification exact: a row's output is the same alone or among others."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(96, 200, bias=True)
-    packed = PackedFp16Linear(layer)
+    packed = PackedFp16Linear.of(layer)
     x = torch.randn(16, 96)
     together = packed(x)
     for i in range(16):
