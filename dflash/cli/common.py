@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,11 @@ def add_model_arguments(parser: argparse.ArgumentParser, draft: bool = True) -> 
                             "models (one step ~3x faster on a 2-core AVX2 CPU); the rounded weights make it "
                             "a slightly different model, and decoding is exact against plain decoding of "
                             "that model, not of the float32 one (default: float32, the model as loaded)")
+    group.add_argument("--compile", action="store_true",
+                       help="with --cpu-weights fp16 on a Llama-architecture target: run its decoding steps "
+                            "through torch.compile (~20%% faster a step on a 2-core CPU; needs a C++ compiler). "
+                            "Each block length compiles once, ~15 s, on first use; compiled code is cached "
+                            "on disk (TORCHINDUCTOR_CACHE_DIR, default ~/.cache/dflash/inductor)")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, block_size: bool = True) -> None:
@@ -74,12 +80,29 @@ def load_models(args: argparse.Namespace, need_drafter: bool = True) -> tuple[An
                               "(or --block-size 1 for plain decoding)")
         raise DFlashError(f"--draft is required for target {args.target!r} (or --block-size 1 for plain decoding)")
     model, tokenizer = load_target(args.target, dtype=args.dtype, device=args.device,
-                                   cpu_weights=getattr(args, "cpu_weights", None))
+                                   cpu_weights=getattr(args, "cpu_weights", None),
+                                   compile=getattr(args, "compile", False))
     drafter = None
     if draft_path is not None and need_drafter:
         drafter = DFlashDraftModel.from_pretrained(draft_path, dtype=args.dtype, device=model.device)
         apply_cpu_weights(drafter, getattr(args, "cpu_weights", None))  # drafts are not checked: only speed changes
+    if getattr(args, "compile", False):
+        block_size = getattr(args, "block_size", None) or (drafter.block_size if drafter is not None else 1)
+        compile_steps(model, drafter, block_size)
     return model, tokenizer, drafter
+
+
+def compile_steps(model: Any, drafter: Any, block_size: int) -> None:
+    """Compile a `--compile` target's decoding steps now, before any output streams."""
+    from dflash.target.lean import compile_steps as compile_now
+
+    lean = getattr(model, "_dflash_lean", None)
+    if lean is None or lean.compiled is None:
+        return
+    print("dflash: compiling the target's decoding steps (the first time ~15 s per block length; "
+          "cached on disk)...", file=sys.stderr, flush=True)
+    seconds = compile_now(model, drafter.target_layer_ids if drafter is not None else None, block_size)
+    print(f"dflash: compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
 
 
 def make_generator(seed: int | None, device: torch.device) -> torch.Generator | None:

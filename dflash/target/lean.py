@@ -20,6 +20,7 @@ speculative decoding stays exact against plain decoding of this model.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
@@ -28,6 +29,8 @@ import torch.nn.functional as F
 from dflash.target.packed import PackedFp16Linear, weight_of
 
 LEAN_MODEL_TYPES = {"llama"}
+COMPILED_MAX_TOKENS = 16  # longer inputs (prompts) take the eager forward
+COMPILED_CAPACITY_STEP = 2048  # cache buffers of compiled graphs grow by this (a new graph each time)
 
 
 def _fused(*linears: torch.nn.Module) -> PackedFp16Linear:
@@ -70,6 +73,27 @@ class LeanLlama:
         self.norm = model.model.norm.weight.detach()
         self.eps = config.rms_norm_eps
         self.head = model.get_output_embeddings()
+        self.kv_heads = config.num_key_value_heads
+        self.head_dim = self.layers[0].head_dim
+        self.compiled = None
+        self.compile_seconds: dict[tuple, float] = {}  # per compiled input shape
+
+    def compile(self) -> None:
+        """Run the layers as a `torch.compile`d graph: inductor fuses the small operators
+        between the matrix products (which stay fbgemm's, called through `dflash::linear_fp16`)
+        and drops their Python dispatch. Blocks of up to COMPILED_MAX_TOKENS tokens use it (one
+        graph per block length, compiled on first use and cached on disk by inductor); prompts
+        keep the eager forward."""
+        import os
+
+        import torch._dynamo
+
+        from dflash.target.loader import cache_dir
+
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))  # kept across sessions
+        limit = torch._dynamo.config.recompile_limit  # one graph per block length and capacity
+        torch._dynamo.config.recompile_limit = max(limit, 4 * COMPILED_MAX_TOKENS)
+        self.compiled = torch.compile(self._run, dynamic=False, options={"split_reductions": False})
 
     @torch.no_grad()
     def __call__(self, ids: torch.Tensor, cache: Any, logits_to_keep: int = 0,
@@ -78,40 +102,104 @@ class LeanLlama:
         layer in `feature_layers`) for `ids` ([b, n]) following what `cache` holds."""
         b, n = ids.shape
         past = cache.get_seq_length()
-        hidden = self.embedding(ids)
-        positions = torch.arange(past, past + n, device=ids.device).unsqueeze(0)
-        cos, sin = self.rotary(hidden, positions)
-        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # [1, n, 1, head_dim]: broadcast over heads
+        compiled = self.compiled is not None and n <= COMPILED_MAX_TOKENS and past > 0  # steps, not prompts
+        # each layer's key/value buffers, with room for n more positions after the `past` cached
+        # (compiled graphs see a fixed capacity, so it grows in large steps there)
+        like = self.norm.new_empty((b, self.kv_heads, 0, self.head_dim))
+        step = COMPILED_CAPACITY_STEP if self.compiled is not None else 256
+        rooms = [cache.layers[layer.index].room_for(n, like, like, step)[:2] for layer in self.layers]
+        positions = torch.arange(past, past + n, device=ids.device)
+        cos, sin = self.rotary(self.norm, positions[None])  # (the first argument only gives the dtype)
         mask = None
-        if n > 1 and past:  # a block after a cache: each token sees the past and itself and before
-            mask = torch.arange(past + n, device=ids.device) <= torch.arange(past, past + n, device=ids.device)[:, None]
-        wanted, features = set(feature_layers), {}
+        if n > 1 and past:  # a block after a cache: each token sees the past, itself and the block before it
+            mask = torch.arange(rooms[0][0].shape[2], device=ids.device) <= positions[:, None]
+        run = self.compiled if compiled else self._run
+        shape = (b, n, rooms[0][0].shape[2], logits_to_keep, tuple(feature_layers))
+        first = compiled and shape not in self.compile_seconds
+        start = time.perf_counter()
+        hidden = self.embedding(ids)  # (outside the graph: `ids` may be a view with any strides)
+        logits, features = run(hidden, cos.unsqueeze(2), sin.unsqueeze(2), mask, rooms, positions,
+                               logits_to_keep, tuple(feature_layers))
+        if first:  # the first call of a shape compiled it (or read it from inductor's disk cache)
+            self.compile_seconds[shape] = time.perf_counter() - start
         for layer in self.layers:
-            hidden = hidden + self._attention(layer, hidden, cache, cos, sin, mask, b, n)
+            cache.layers[layer.index].filled(past + n)
+        return logits, features
+
+    def _run(self, hidden: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None,
+             rooms: list[tuple[torch.Tensor, torch.Tensor]], positions: torch.Tensor, logits_to_keep: int,
+             feature_layers: tuple[int, ...]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The layers over the embedded tokens `hidden` ([b, n, hidden]), each writing its new
+        keys and values into its buffers at `positions`."""
+        b, n = hidden.shape[:2]
+        attend = torch.ops.dflash.attend_cached if torch.compiler.is_compiling() else _attend_cached
+        features = {}
+        for layer, (keys, values) in zip(self.layers, rooms):
+            x = F.rms_norm(hidden, (hidden.shape[-1],), layer.norm_in, layer.eps)
+            qkv = layer.qkv(x).view(b, n, layer.heads + 2 * layer.kv_heads, layer.head_dim)
+            qk, v = qkv[:, :, : layer.heads + layer.kv_heads], qkv[:, :, layer.heads + layer.kv_heads:]
+            half = layer.head_dim // 2
+            qk = (qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin).transpose(1, 2)
+            out = attend(qk[:, : layer.heads], qk[:, layer.heads:], v.transpose(1, 2), keys, values,
+                         positions, mask, layer.scaling)
+            hidden = hidden + layer.o(out.transpose(1, 2).reshape(b, n, layer.heads * layer.head_dim))
             x = F.rms_norm(hidden, (hidden.shape[-1],), layer.norm_post, layer.eps)
             gate, up = layer.gate_up(x).split(layer.intermediate, dim=-1)
             hidden = hidden + layer.down(F.silu(gate) * up)
-            if layer.index in wanted:
+            if layer.index in feature_layers:
                 features[layer.index] = hidden
         hidden = F.rms_norm(hidden, (hidden.shape[-1],), self.norm, self.eps)
-        if len(self.layers) - 1 in wanted:  # transformers reports the last layer's state normed
+        if len(self.layers) - 1 in feature_layers:  # transformers reports the last layer's state normed
             features[len(self.layers) - 1] = hidden
         logits = self.head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
         return logits, [features[i] for i in feature_layers]
 
-    @staticmethod
-    def _attention(layer: LeanLayer, hidden: torch.Tensor, cache: Any, cos: torch.Tensor, sin: torch.Tensor,
-                   mask: torch.Tensor | None, b: int, n: int) -> torch.Tensor:
-        x = F.rms_norm(hidden, (hidden.shape[-1],), layer.norm_in, layer.eps)
-        qkv = layer.qkv(x).view(b, n, layer.heads + 2 * layer.kv_heads, layer.head_dim)
-        qk, v = qkv[:, :, : layer.heads + layer.kv_heads], qkv[:, :, layer.heads + layer.kv_heads:]
-        half = layer.head_dim // 2
-        qk = qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin
-        q = qk[:, :, : layer.heads].transpose(1, 2)
-        k, v = cache.layers[layer.index].update(qk[:, :, layer.heads:].transpose(1, 2), v.transpose(1, 2))
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=layer.scaling,
-                                             is_causal=mask is None and n > 1, enable_gqa=True)
-        return layer.o(out.transpose(1, 2).reshape(b, n, layer.heads * layer.head_dim))
+
+def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                   positions: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    """Write the new keys/values ([b, kv_heads, n, d]) into the cache buffers at `positions`
+    (consecutive) and attend over everything cached up to the last of them. `mask` ([n,
+    capacity]) for a block after a cache; none for one token, causal for a prompt."""
+    past, n = int(positions[0]), k.shape[2]
+    keys[:, :, past:past + n] = k
+    values[:, :, past:past + n] = v
+    return F.scaled_dot_product_attention(
+        q, keys[:, :, :past + n], values[:, :, :past + n], attn_mask=None if mask is None else mask[:, :past + n],
+        scale=scale, is_causal=mask is None and n > 1, enable_gqa=True)
+
+
+# The attention step as an operator, so compiled graphs call it as one opaque, in-place step
+# (the cache buffers are mutated, not copied).
+_LIB = torch.library.Library("dflash", "FRAGMENT")
+_LIB.define("attend_cached(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor positions, "
+            "Tensor? mask, float scale) -> Tensor")
+_LIB.impl("attend_cached", _attend_cached, "CPU")
+
+
+@torch.library.register_fake("dflash::attend_cached", lib=_LIB)
+def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+      positions: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
+    return torch.empty_like(q)
+
+
+def compile_steps(model: Any, feature_layers: list[int] | None, block_size: int) -> float:
+    """Run every step shape a decoding will ask of a compiled target once, so compilation
+    happens here rather than mid-stream: plain one-token steps, and with a drafter's
+    `feature_layers` every block length up to `block_size` (a threshold or the token budget can
+    shorten a block). Returns the seconds it took."""
+    from dflash.target.adapter import TargetAdapter
+
+    start = time.perf_counter()
+    runs = [([], [1])] + ([(feature_layers, range(1, block_size + 1))] if feature_layers else [])
+    prompt = torch.zeros(1, COMPILED_MAX_TOKENS + 1, dtype=torch.long, device=model.device)  # eager
+    for layer_ids, lengths in runs:
+        adapter = TargetAdapter(model, layer_ids)
+        cache = adapter.new_cache()
+        adapter.forward(prompt, cache, logits_to_keep=1, features=bool(layer_ids))
+        for n in lengths:
+            adapter.forward(prompt[:, :n], cache, features=bool(layer_ids))
+            adapter.rollback(cache, prompt.shape[1])
+    return time.perf_counter() - start
 
 
 def lean_forward_for(model: Any) -> LeanLlama | None:

@@ -95,11 +95,13 @@ def resolve_target(name_or_path: str | None) -> Path | str:
 
 
 def load_target(name_or_path: str | None = None, dtype: torch.dtype | str | None = None,
-                device: torch.device | str | None = None, cpu_weights: str | None = None) -> tuple[Any, Any]:
+                device: torch.device | str | None = None, cpu_weights: str | None = None,
+                compile: bool = False) -> tuple[Any, Any]:
     """(model, tokenizer) for a Hub id, a local folder, a .gguf file, or, with no name (or
     `smollm2-135m-instruct`), the embedded SmolLM2-135M-Instruct. float32 on CPU, bf16 on GPU
     unless `dtype` says otherwise. `cpu_weights="fp16"` stores the linear weights of a CPU
-    target in half precision (dflash/target/packed.py): faster, and a slightly different model."""
+    target in half precision (dflash/target/packed.py): faster, and a slightly different model;
+    `compile=True` also compiles its decoding steps (dflash/target/lean.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -112,7 +114,7 @@ def load_target(name_or_path: str | None = None, dtype: torch.dtype | str | None
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype_)
     except OSError as exc:
         raise DFlashError(f"could not load target {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
-    return apply_cpu_weights(model.to(device_).eval(), cpu_weights), tokenizer
+    return apply_cpu_weights(model.to(device_).eval(), cpu_weights, compile), tokenizer
 
 
 def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:

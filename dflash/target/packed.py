@@ -16,6 +16,7 @@ numbers as running its tokens one by one, which is what keeps speculation lossle
 from __future__ import annotations
 
 import functools
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -23,6 +24,26 @@ import torch
 from dflash.errors import DFlashError
 
 CPU_WEIGHT_FORMATS = ("float32", "fp16")
+
+# torch.compile cannot trace fbgemm's packed weights (a TorchScript object), so compiled code
+# calls the product through an operator of ours that names the layer by an integer slot. It is
+# declared with torch.library.Library rather than `custom_op`, whose Python wrapper costs ~10 us
+# a call: a forward makes ~120 of them.
+_SLOTS: list[weakref.ref] = []
+_LIB = torch.library.Library("dflash", "FRAGMENT")
+_LIB.define("linear_fp16(Tensor x, int slot) -> Tensor")
+
+
+def _linear_fp16(x: torch.Tensor, slot: int) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic_fp16(x, _SLOTS[slot]()._packed)
+
+
+_LIB.impl("linear_fp16", _linear_fp16, "CPU")
+
+
+@torch.library.register_fake("dflash::linear_fp16", lib=_LIB)
+def _(x: torch.Tensor, slot: int) -> torch.Tensor:
+    return x.new_empty((x.shape[0], _SLOTS[slot]().out_features))
 
 
 class PackedFp16Linear(torch.nn.Module):
@@ -42,6 +63,8 @@ class PackedFp16Linear(torch.nn.Module):
             weight.detach().float(), None if bias is None else bias.detach().float())
         self.weight = keep
         self.bias = bias
+        self.slot = len(_SLOTS)
+        _SLOTS.append(weakref.ref(self))
 
     @classmethod
     def of(cls, linear: torch.nn.Linear, keep_weight: bool = False) -> "PackedFp16Linear":
@@ -49,7 +72,10 @@ class PackedFp16Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features), self._packed)
+        if torch.compiler.is_compiling():
+            y = torch.ops.dflash.linear_fp16(x.reshape(-1, self.in_features), self.slot)
+        else:
+            y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features), self._packed)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
@@ -81,10 +107,12 @@ def pack_fp16_linears(model: torch.nn.Module) -> int:
     return count
 
 
-def apply_cpu_weights(model: Any, cpu_weights: str | None) -> Any:
+def apply_cpu_weights(model: Any, cpu_weights: str | None, compile: bool = False) -> Any:
     """Store a CPU model's linear weights as `cpu_weights` (one of CPU_WEIGHT_FORMATS): a target
     (Llama-architecture ones also get the lean forward) or a drafter. float32 (or None) leaves
-    the model as it is."""
+    the model as it is. `compile` runs the lean forward's decoding steps through torch.compile."""
+    if compile and cpu_weights != "fp16":
+        raise DFlashError("--compile applies to the lean fp16 forward: add --cpu-weights fp16")
     if cpu_weights in (None, "float32"):
         return model
     if cpu_weights != "fp16":
@@ -93,6 +121,11 @@ def apply_cpu_weights(model: Any, cpu_weights: str | None) -> Any:
     from dflash.target.lean import lean_forward_for
 
     model._dflash_lean = lean_forward_for(model)  # TargetAdapter runs it where it applies
+    if compile:
+        if model._dflash_lean is None:
+            raise DFlashError(f"--compile covers Llama-architecture targets (the lean forward), not "
+                              f"{getattr(model.config, 'model_type', type(model).__name__)!r}")
+        model._dflash_lean.compile()
     return model
 
 

@@ -268,23 +268,36 @@ def _growing_layer_class() -> type:
             super().lazy_initialization(key_states, value_states)
             self._room: tuple[torch.Tensor, torch.Tensor] | None = None
 
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        def room_for(self, new: int, key_like: torch.Tensor, value_like: torch.Tensor,
+                     step: int = 256) -> tuple[torch.Tensor, torch.Tensor, int]:
+            """(keys buffer, values buffer, n filled): buffers holding the n cached positions with
+            room for `new` more, for states shaped like the `*_like` ([batch, heads, *, dim]);
+            a new buffer's capacity is a multiple of `step`."""
             if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            n, new = self.get_seq_length(), key_states.shape[-2]
+                self.lazy_initialization(key_like, value_like)
+            n = self.get_seq_length()
             room = self._room
-            if (room is None or n + new > room[0].shape[-2] or room[0].shape[:2] != key_states.shape[:2]
+            if (room is None or n + new > room[0].shape[-2] or room[0].shape[:2] != key_like.shape[:2]
                     or (n and self.keys.data_ptr() != room[0].data_ptr())):
-                capacity = max(256, 2 * (n + new))
-                room = tuple(t.new_empty((*t.shape[:2], capacity, t.shape[-1])) for t in (key_states, value_states))
+                capacity = -(-2 * (n + new) // step) * step
+                room = tuple(t.new_empty((*t.shape[:2], capacity, t.shape[-1])) for t in (key_like, value_like))
                 if n:
                     room[0][..., :n, :] = self.keys
                     room[1][..., :n, :] = self.values
                 self._room = room
-            room[0][..., n:n + new, :] = key_states
-            room[1][..., n:n + new, :] = value_states
-            self.keys, self.values = room[0][..., :n + new, :], room[1][..., :n + new, :]
+            return room[0], room[1], n
+
+        def filled(self, length: int) -> None:
+            """The first `length` positions of the buffers are the cache (after writing into them)."""
+            self.keys, self.values = self._room[0][..., :length, :], self._room[1][..., :length, :]
+
+        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            new = key_states.shape[-2]
+            keys, values, n = self.room_for(new, key_states, value_states)
+            keys[..., n:n + new, :] = key_states
+            values[..., n:n + new, :] = value_states
+            self.filled(n + new)
             return self.keys, self.values
 
     return GrowingLayer

@@ -118,3 +118,63 @@ def test_batched_engine_on_a_packed_target():
     out, _ = run_all(engine, [BatchRequest(i, p, 32) for i, p in enumerate(BATCH_PROMPTS)], join_every=3)
     for i, p in enumerate(BATCH_PROMPTS):
         assert out[i] == greedy_reference(model, torch.tensor([p]), 32)[0, len(p):].tolist(), i
+
+
+def test_compiled_steps_compute_what_the_eager_lean_forward_computes():
+    """--compile: the decoding steps run as torch.compile'd graphs (prompts stay eager); their
+    logits, drafter features and cache writes match the eager lean forward."""
+    from dflash.target.lean import compile_steps
+
+    eager = apply_cpu_weights(tiny_target("llama"), "fp16")
+    compiled = apply_cpu_weights(tiny_target("llama"), "fp16", compile=True)
+    assert compiled._dflash_lean.compiled is not None and eager._dflash_lean.compiled is None
+    assert compile_steps(compiled, [0, 2, 3], 3) > 0
+    assert len(compiled._dflash_lean.compile_seconds) == 4  # plain 1-token steps, blocks of 1, 2, 3
+    ids = torch.randint(1, 128, (1, 26), generator=torch.Generator().manual_seed(0))
+    caches = {}
+    for name, model in (("eager", eager), ("compiled", compiled)):
+        adapter = TargetAdapter(model, [0, 2, 3])
+        cache = adapter.new_cache()
+        outs = [adapter.forward(part, cache) for part in (ids[:, :20], ids[:, 20:23], ids[:, 23:24], ids[:, 24:26])]
+        caches[name] = (cache, outs)
+    (eager_cache, eager_outs), (compiled_cache, compiled_outs) = caches["eager"], caches["compiled"]
+    for a, b in zip(eager_outs, compiled_outs):
+        torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(b.features, a.features, rtol=1e-4, atol=1e-4)
+    assert compiled_cache.get_seq_length() == 26
+    torch.testing.assert_close(compiled_cache.layers[2].values, eager_cache.layers[2].values, rtol=1e-4, atol=1e-4)
+    with pytest.raises(DFlashError, match="--cpu-weights fp16"):
+        apply_cpu_weights(tiny_target("llama"), "float32", compile=True)
+    with pytest.raises(DFlashError, match="Llama-architecture"):
+        apply_cpu_weights(tiny_target("qwen3"), "fp16", compile=True)
+
+
+def test_speculative_equals_plain_on_a_compiled_target():
+    """Drafts of any quality, verified by compiled steps, give the compiled model's own greedy
+    decoding; with a draft threshold the verified block lengths vary and still agree."""
+    model = apply_cpu_weights(tiny_target("llama"), "fp16", compile=True)
+    torch.manual_seed(1)
+    drafter = DFlashDraftModel.from_target(model, num_layers=1, block_size=4).eval()
+    for seed in range(2):
+        ids = torch.randint(1, 128, (1, 9), generator=torch.Generator().manual_seed(seed))
+        plain = generate(model, None, ids, max_new_tokens=40)
+        assert torch.equal(generate(model, drafter, ids, max_new_tokens=40, block_size=4).output_ids, plain.output_ids)
+        oracle = oracle_for(drafter, plain.output_ids, wrong_every=2, wrong_at=2)
+        stats = generate(model, oracle, ids, max_new_tokens=40, block_size=4, draft_threshold=0.3)
+        assert torch.equal(stats.output_ids, plain.output_ids)
+
+
+def test_compiled_smollm2_decodes_like_the_eager_one(smollm_fp16):
+    """The real target with --compile: DFlash with the shipped drafter and plain decoding give
+    the tokens of the eager fp16 model."""
+    torch.set_num_threads(2)
+    eager, tok = smollm_fp16
+    model, _ = load_target(device="cpu", cpu_weights="fp16", compile=True)
+    drafter = apply_cpu_weights(DFlashDraftModel.from_pretrained(str(default_drafter_path()), device="cpu"), "fp16")
+    for prompt in PROMPTS[:2]:
+        ids = torch.tensor([chat_input_ids(tok, prompt)])
+        reference = generate(eager, None, ids, max_new_tokens=32).output_ids
+        assert torch.equal(generate(model, None, ids, max_new_tokens=32).output_ids, reference)
+        stats = generate(model, drafter, ids, max_new_tokens=32, block_size=4, draft_threshold=0.1)
+        assert torch.equal(stats.output_ids, reference)
+    assert len(model._dflash_lean.compile_seconds) >= 3  # one-token steps, with and without features, blocks
