@@ -1,8 +1,8 @@
 """CPU peers in ONE run on the same GSM8K prompts, so every figure compares as a ratio:
 
 - transformers `generate` (greedy), float32 and on the fp16-weight target;
-- this engine's plain decoding (block size 1) and DFlash with the shipped drafter, float32 and
-  with `--cpu-weights fp16`;
+- this engine's plain decoding (block size 1) and DFlash with the shipped drafter, float32,
+  with `--cpu-weights fp16`, and with `--cpu-weights fp16 --compile` (compile time reported);
 - llama.cpp on the same GGUF (the embedded Q4_1 file) through `llama-cpp-python`, when that
   optional extra is installed (pip install llama-cpp-python: it compiles llama.cpp);
 - the bandwidth floor: measured memory bandwidth / bytes of weights one forward reads;
@@ -30,6 +30,7 @@ from dflash import (DFlashDraftModel, TargetAdapter, chat_input_ids, default_dra
                     load_target)
 from dflash.datasets import eval_prompts
 from dflash.target.loader import embedded_gguf_path
+from dflash.target.lean import compile_steps
 from dflash.target.packed import PackedFp16Linear, apply_cpu_weights
 
 
@@ -156,11 +157,11 @@ def main() -> None:
     results["bandwidth_gb_s"] = bandwidth
     print(f"memory read bandwidth: {bandwidth:.1f} GB/s", flush=True)
 
-    models = {"float32": load_target(device="cpu")}
-    models["fp16"] = load_target(device="cpu", cpu_weights="fp16")
+    variants = {"float32": ("float32", False), "fp16": ("fp16", False), "fp16 compiled": ("fp16", True)}
+    models = {name: load_target(device="cpu", cpu_weights=w, compile=c) for name, (w, c) in variants.items()}
     tokenizer = models["float32"][1]
-    drafters = {w: apply_cpu_weights(DFlashDraftModel.from_pretrained(str(default_drafter_path()), device="cpu"), w)
-                for w in models}  # as `--cpu-weights` does
+    drafters = {name: apply_cpu_weights(DFlashDraftModel.from_pretrained(str(default_drafter_path()), device="cpu"), w)
+                for name, (w, _) in variants.items()}  # as `--cpu-weights` does
     questions = [turns[0] for turns in eval_prompts("gsm8k", args.data_dir, limit=args.prompts)]
     prompts = [torch.tensor([chat_input_ids(tokenizer, q)]) for q in questions]
     n, total = args.new_tokens, args.new_tokens * len(prompts)
@@ -168,6 +169,9 @@ def main() -> None:
     rows: list[tuple[str, float, str]] = []
     for weights, (model, _) in models.items():
         drafter = drafters[weights]
+        if variants[weights][1]:
+            results[f"compile_s_{weights}"] = compile_steps(model, drafter.target_layer_ids, args.block_size)
+            print(f"[{weights}] compiled the decoding steps in {results[f'compile_s_{weights}']:.1f} s", flush=True)
         weight_bytes = weight_bytes_per_forward(model)
         floor_ms = weight_bytes / bandwidth / 1e6
         costs = step_costs(model, drafter.target_layer_ids, prompts[0], tuple(sorted({1, 4, 8, 16, args.block_size})))
@@ -199,7 +203,8 @@ def main() -> None:
         llama_time, llama_out = llama
         agree = sum(a == b for a, b in zip(llama_out, plain_out))
         results["llama_cpp_tok_s"] = total / llama_time
-        rows.append(("llama.cpp Q4_1 GGUF", total / llama_time, f"same tokens as the engine (fp16) {agree}/{len(prompts)}"))
+        rows.append(("llama.cpp Q4_1 GGUF", total / llama_time,
+                     f"same tokens as the engine ({weights}) {agree}/{len(prompts)}"))
 
     reference = results.get("llama_cpp_tok_s") or results["float32"]["generate_tok_s"]
     name = "llama.cpp" if "llama_cpp_tok_s" in results else "generate (float32)"

@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dflash.cli.common import COMPILE_HELP
 from dflash.config import DEFAULT_TARGET
 from dflash.datasets import DATA_DIR_ENV, EVAL_SETS
 from dflash.errors import DFlashError
@@ -48,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cpu-weights", default="float32", choices=list(CPU_WEIGHT_FORMATS),
                    help="local CPU target: fp16 stores its linear weights in half precision (faster; a "
                         "slightly different model, both sides of the speedup use it) (default: float32)")
+    g.add_argument("--compile", action="store_true", help="local: " + COMPILE_HELP)
     g = p.add_argument_group("decoding")
     g.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                    help=f"per turn (default: {DEFAULT_MAX_NEW_TOKENS})")

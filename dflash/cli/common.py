@@ -14,7 +14,13 @@ from dflash.errors import DFlashError
 from dflash.target.packed import CPU_WEIGHT_FORMATS, apply_cpu_weights
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, draft: bool = True) -> None:
+COMPILE_HELP = ("with --cpu-weights fp16 on a Llama-architecture target: run its decoding steps through "
+                "torch.compile (~20%% faster a step on a 2-core CPU; needs a C++ compiler). Each block length "
+                "compiles once, ~15 s, before decoding starts; compiled code is cached on disk "
+                "(TORCHINDUCTOR_CACHE_DIR, default ~/.cache/dflash/inductor)")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, draft: bool = True, compile: bool = True) -> None:
     group = parser.add_argument_group("models")
     group.add_argument("--target", default=None, metavar="NAME_OR_PATH",
                        help=f"target model: a Hub id, a local folder or a .gguf file "
@@ -32,11 +38,8 @@ def add_model_arguments(parser: argparse.ArgumentParser, draft: bool = True) -> 
                             "models (one step ~3x faster on a 2-core AVX2 CPU); the rounded weights make it "
                             "a slightly different model, and decoding is exact against plain decoding of "
                             "that model, not of the float32 one (default: float32, the model as loaded)")
-    group.add_argument("--compile", action="store_true",
-                       help="with --cpu-weights fp16 on a Llama-architecture target: run its decoding steps "
-                            "through torch.compile (~20%% faster a step on a 2-core CPU; needs a C++ compiler). "
-                            "Each block length compiles once, ~15 s, on first use; compiled code is cached "
-                            "on disk (TORCHINDUCTOR_CACHE_DIR, default ~/.cache/dflash/inductor)")
+    if compile:  # the single-sequence engine's steps (the server's batched engine keeps its own forward)
+        group.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, block_size: bool = True) -> None:

@@ -26,7 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_positional", nargs="?", default=None, metavar="TARGET",
                    help="target model, as `vllm serve TARGET` takes it (same as --target)")
-    add_model_arguments(p)
+    add_model_arguments(p, compile=False)
     p.add_argument("--block-size", type=int, default=None,
                    help="draft block size, 1 = plain decoding (default: the drafter's trained size)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
