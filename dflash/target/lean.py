@@ -113,14 +113,17 @@ class LeanLlama:
         mask = None
         if n > 1 and past:  # a block after a cache: each token sees the past, itself and the block before it
             mask = torch.arange(rooms[0][0].shape[2], device=ids.device) <= positions[:, None]
-        run = self.compiled if compiled else self._run
-        shape = (b, n, rooms[0][0].shape[2], logits_to_keep, tuple(feature_layers))
-        first = compiled and shape not in self.compile_seconds
-        start = time.perf_counter()
+        feature_layers = tuple(feature_layers)
         hidden = self.embedding(ids)  # (outside the graph: `ids` may be a view with any strides)
-        logits, features = run(hidden, cos.unsqueeze(2), sin.unsqueeze(2), mask, rooms, positions,
-                               logits_to_keep, tuple(feature_layers))
-        if first:  # the first call of a shape compiled it (or read it from inductor's disk cache)
+        args = (hidden, cos.unsqueeze(2), sin.unsqueeze(2), mask, rooms, positions, logits_to_keep, feature_layers)
+        shape = (b, n, rooms[0][0].shape[2], logits_to_keep, feature_layers) if compiled else None
+        if not compiled:
+            logits, features = self._run(*args)
+        elif shape in self.compile_seconds:
+            logits, features = self.compiled(*args)
+        else:  # the first call of a shape compiles it (or reads it from inductor's disk cache)
+            start = time.perf_counter()
+            logits, features = self.compiled(*args)
             self.compile_seconds[shape] = time.perf_counter() - start
         for layer in self.layers:
             cache.layers[layer.index].filled(past + n)
