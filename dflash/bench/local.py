@@ -26,6 +26,7 @@ class Run:
     time_s: float = 0.0
     ttft_s: float = 0.0                     # first turn: prefill and the first token
     acceptance_lengths: list[int] = field(default_factory=list)
+    draft_lengths: list[int] = field(default_factory=list)
     output_ids: list[list[int]] = field(default_factory=list)  # new tokens of each turn
 
     def add(self, stats: GenerationStats, first_turn: bool) -> None:
@@ -34,6 +35,7 @@ class Run:
         if first_turn:
             self.ttft_s = stats.prefill_time
         self.acceptance_lengths += stats.acceptance_lengths
+        self.draft_lengths += stats.draft_lengths
         self.output_ids.append(list(stats.new_tokens))
 
 

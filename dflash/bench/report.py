@@ -32,18 +32,24 @@ def percentile(values: list[float], q: float) -> float:
     return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
 
 
-def acceptance_summary(lengths: list[int], block_size: int) -> dict[str, Any]:
+def acceptance_summary(lengths: list[int], block_size: int, drafted: list[int] | None = None) -> dict[str, Any]:
     """tau, the histogram of acceptance lengths and the per-position acceptance rate: of the
-    steps whose drafts 1..k-1 were all accepted, the share that accepted draft k too."""
+    steps that verified a draft k and accepted drafts 1..k-1, the share that accepted draft k too.
+
+    `drafted` (drafts verified per step) matters under a draft threshold, which sends short
+    blocks or none: a draft never sent is not a rejected one. Without it every step is taken
+    to have verified a full block.
+    """
     histogram = dict(sorted(Counter(lengths).items()))
+    drafted = drafted if drafted is not None and len(drafted) == len(lengths) else [block_size - 1] * len(lengths)
     per_position = []
     for k in range(1, block_size):
-        reached = sum(1 for n in lengths if n - 1 >= k - 1)
-        accepted = sum(1 for n in lengths if n - 1 >= k)
+        reached = sum(1 for n, d in zip(lengths, drafted) if n - 1 >= k - 1 and d >= k)
+        accepted = sum(1 for n, d in zip(lengths, drafted) if n - 1 >= k and d >= k)
         per_position.append(round(accepted / reached, 4) if reached else None)
     return {"tau": sum(lengths) / len(lengths) if lengths else 0.0, "verify_forwards": len(lengths),
             "verify_tokens": sum(lengths), "acceptance_histogram": {str(k): v for k, v in histogram.items()},
-            "per_position_acceptance": per_position}
+            "drafts_verified": sum(drafted), "per_position_acceptance": per_position}
 
 
 def summarize_local(records: list[PromptRecord], block_size: int) -> dict[str, Any]:
@@ -59,10 +65,11 @@ def summarize_local(records: list[PromptRecord], block_size: int) -> dict[str, A
 
 def _summary(rs: list[PromptRecord], block_size: int) -> dict[str, Any]:
     lengths = [n for r in rs for n in r.dflash["acceptance_lengths"]]
+    drafted = [n for r in rs for n in r.dflash.get("draft_lengths", [])]  # older records lack it
     tokens = sum(r.dflash["new_tokens"] for r in rs)
     seconds = sum(r.dflash["time_s"] for r in rs)
     s: dict[str, Any] = {"num_prompts": len(rs), "new_tokens": tokens, "time_s": round(seconds, 6),
-                         **acceptance_summary(lengths, block_size),
+                         **acceptance_summary(lengths, block_size, drafted),
                          "tokens_per_s": _rate(tokens, seconds),
                          "ttft_ms": 1000 * sum(r.dflash["ttft_s"] for r in rs) / len(rs)}
     if all(r.baseline is not None for r in rs):

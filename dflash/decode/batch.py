@@ -157,6 +157,7 @@ class BatchEngine:
                     break
             new = new[: row.budget - row.stats.num_new_tokens]
             row.stats.acceptance_lengths.append(len(new))
+            row.stats.draft_lengths.append(size - 1)
             row.stats.new_tokens.extend(new)
             done = done or row.stats.num_new_tokens >= row.budget
             owned_new[i, : n_acc + 1] = True

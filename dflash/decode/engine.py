@@ -31,6 +31,7 @@ class GenerationStats:
     output_ids: torch.Tensor | None = None       # [1, prompt + new]
     new_tokens: list[int] = field(default_factory=list)
     acceptance_lengths: list[int] = field(default_factory=list)
+    draft_lengths: list[int] = field(default_factory=list)  # drafts verified per forward (a threshold shortens blocks)
     prefill_time: float = 0.0
     decode_time: float = 0.0
     finish_reason: str = "length"                # "stop" (a stop token) or "length"
@@ -179,6 +180,7 @@ def stream(
                     break
             new = new[:remaining]
             stats.acceptance_lengths.append(len(new))
+            stats.draft_lengths.append(size - 1)
             stats.new_tokens.extend(new)
             yield new
             if done:

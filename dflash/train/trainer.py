@@ -201,23 +201,30 @@ def make_batch(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], anc
     return Batch(hidden, tokens, positions, mask, labels)
 
 
+def block_hidden(drafter: Any, adapter: Any, batch: Batch, block_size: int) -> torch.Tensor:
+    """The drafter's hidden states at draft positions 1..B-1 of every block, [b, n_a, B-1, H]:
+    all blocks of a sequence in one masked forward, each seeing exactly what decoding shows it."""
+    device = adapter.device
+    b = batch.tokens.shape[0]
+    with torch.no_grad():
+        noise = adapter.embed(batch.tokens.to(device)).float()
+    n_ctx = batch.hidden.shape[1]
+    ctx_pos = torch.arange(n_ctx, device=device).expand(b, n_ctx)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        out = drafter(noise, batch.hidden.to(device).float(), ctx_pos, batch.positions.to(device),
+                      attn_mask=batch.mask.to(device))
+    return out.view(b, -1, block_size, out.shape[-1])[:, :, 1:]
+
+
 def forward_loss(drafter: Any, adapter: Any, batch: Batch, weights: torch.Tensor,
                  stats: BlockStats | None = None, vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Weighted block loss of one batch, and the number of supervised positions; `stats` (if
     given) collects accuracy and acceptance. With `vocab` (sorted token ids) the softmax ranges
     over those ids and the batch's labels only (a sampled-softmax style shortcut for CPUs)."""
     device = adapter.device
-    b, q = batch.tokens.shape
-    with torch.no_grad():
-        noise = adapter.embed(batch.tokens.to(device)).float()
-    n_ctx = batch.hidden.shape[1]
-    ctx_pos = torch.arange(n_ctx, device=device).expand(b, n_ctx)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
-    with autocast:
-        out = drafter(noise, batch.hidden.to(device).float(), ctx_pos, batch.positions.to(device),
-                      attn_mask=batch.mask.to(device))
     block_size = weights.shape[0] + 1
-    out = out.view(b, -1, block_size, out.shape[-1])[:, :, 1:]          # [b, n_a, B-1, H]
+    out = block_hidden(drafter, adapter, batch, block_size)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     labels = batch.labels.to(device)
     valid = labels != IGNORE
     n = int(valid.sum())

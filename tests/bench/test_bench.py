@@ -9,6 +9,7 @@ import pytest
 import torch.multiprocessing as mp
 
 from dflash.bench.cli import main
+from dflash.bench.report import acceptance_summary
 from helpers import DATA_DIR
 
 
@@ -36,6 +37,8 @@ def test_local_results_are_consistent(tiny_target_dir, tiny_drafter_dir, tmp_pat
         assert s["speedup"] == pytest.approx(s["tokens_per_s"] / s["baseline_tokens_per_s"])
         assert s["tokens_per_s"] == pytest.approx(s["new_tokens"] / s["time_s"], rel=1e-3)
         assert len(s["per_position_acceptance"]) == 3
+        # accepted drafts <= verified drafts <= full blocks (the budget shortens the last ones)
+        assert s["verify_tokens"] - s["verify_forwards"] <= s["drafts_verified"] <= 3 * s["verify_forwards"]
         assert s["peers"]["hf"]["new_tokens"] == s["new_tokens"]  # transformers generate agrees on length
     records = [r for r in result["prompts"] if r["dataset"] == "mt-bench"]
     assert [r["turns"] for r in records] == [2, 2]
@@ -103,3 +106,16 @@ def test_two_processes_shard_prompts_and_gather_one_report(tiny_target_dir, tiny
     assert sorted(r["index"] for r in result["prompts"]) == [0, 1, 2]
     assert result["datasets"]["gsm8k"]["num_prompts"] == 3
     assert result["datasets"]["gsm8k"]["identical_outputs"] == 3
+
+
+def test_per_position_acceptance_counts_only_drafts_that_were_verified():
+    # block 4; steps committed 1, 2, 4, 1 tokens after verifying 3, 3, 3 and 0 drafts (a
+    # threshold sent none in the last step: that is not a rejection of draft 1)
+    s = acceptance_summary([1, 2, 4, 1], 4, drafted=[3, 3, 3, 0])
+    assert s["per_position_acceptance"] == [0.6667, 0.5, 1.0]  # rounded to 4 places
+    assert s["drafts_verified"] == 9 and s["tau"] == 2.0
+    # without the drafted counts every step is read as a full block
+    assert acceptance_summary([1, 2, 4, 1], 4)["per_position_acceptance"][0] == 0.5
+    # a short block: draft 2 was never sent in the second step, so it does not count there
+    s = acceptance_summary([2, 3], 4, drafted=[1, 3])
+    assert s["per_position_acceptance"] == [1.0, 1.0, 0.0]

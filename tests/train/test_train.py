@@ -38,6 +38,44 @@ def test_features_equal_what_decoding_feeds(tiny_target_dir):
         assert torch.allclose(got, want, atol=1e-5), layers
 
 
+def test_training_blocks_see_what_decoding_shows_the_drafter(tiny_target_dir):
+    """The trainer's one masked forward over many blocks and the engine's incremental drafting
+    (context fed in uneven chunks to a draft cache, a throwaway block after each) must give the
+    same draft logits for the same anchor: otherwise training teaches a task decoding never asks."""
+    from dflash import DFlashDraftModel, load_target
+    from dflash.target.adapter import TargetAdapter
+
+    model, _ = load_target(str(tiny_target_dir), device="cpu")
+    torch.manual_seed(0)
+    block = 4
+    drafter = DFlashDraftModel.from_target(model, num_layers=2, block_size=block, target_layer_ids=[0, 2]).eval()
+    adapter = TargetAdapter.wrap(model, drafter.target_layer_ids)
+    ids = torch.randint(5, 1000, (40,))
+    loss_mask = torch.arange(40) >= 10
+    anchors = torch.tensor([10, 13, 21, 30, 36])
+    features = TargetFeatures(model, drafter.target_layer_ids)(ids)
+    batch = T.make_batch([(features, ids, loss_mask)], [anchors], block, drafter.mask_token_id)
+    with torch.no_grad():
+        trained = adapter.lm_head(T.block_hidden(drafter, adapter, batch, block)[0])  # [n_a, B-1, V]
+
+    mask = drafter.mask_token_id
+    for i, a in enumerate(anchors.tolist()):
+        cache = drafter.new_cache(capacity=8)  # small: growing it mid-way is part of the path
+        fed = 0
+        for step in [10, 3, 1, 4, 2] * 10:   # context arrives as decoding commits it
+            chunk = min(step, a - fed)
+            if chunk == 0:
+                break
+            throwaway = torch.tensor([[int(ids[fed + chunk])] + [mask] * (block - 1)])
+            drafter.propose(adapter, throwaway, features[:, fed: fed + chunk], cache)
+            fed += chunk
+        assert fed == a
+        real = torch.tensor([[int(ids[a])] + [mask] * (block - 1)])
+        decoded = drafter.propose(adapter, real, features[:, a:a], cache)[0]            # [B-1, V]
+        assert torch.allclose(decoded, trained[i], atol=1e-4), f"anchor {a}"
+        assert torch.equal(decoded.argmax(-1), trained[i].argmax(-1))
+
+
 def test_resume_continues_identically(tiny_target_dir, regen_file, tmp_path):
     args = tiny_args(tiny_target_dir, regen_file, tmp_path / "run")
     a = T.Trainer(args)
