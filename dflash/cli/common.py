@@ -91,20 +91,20 @@ def load_models(args: argparse.Namespace, need_drafter: bool = True) -> tuple[An
         apply_cpu_weights(drafter, getattr(args, "cpu_weights", None))  # drafts are not checked: only speed changes
     if getattr(args, "compile", False):
         block_size = getattr(args, "block_size", None) or (drafter.block_size if drafter is not None else 1)
-        compile_steps(model, drafter, block_size)
+        announce_and_compile(model, drafter, block_size)
     return model, tokenizer, drafter
 
 
-def compile_steps(model: Any, drafter: Any, block_size: int) -> None:
+def announce_and_compile(model: Any, drafter: Any, block_size: int) -> None:
     """Compile a `--compile` target's decoding steps now, before any output streams."""
-    from dflash.target.lean import compile_steps as compile_now
+    from dflash.target.lean import compile_steps
 
     lean = getattr(model, "_dflash_lean", None)
     if lean is None or lean.compiled is None:
         return
     print("dflash: compiling the target's decoding steps (the first time ~15 s per block length; "
           "cached on disk)...", file=sys.stderr, flush=True)
-    seconds = compile_now(model, drafter.target_layer_ids if drafter is not None else None, block_size)
+    seconds = compile_steps(model, drafter.target_layer_ids if drafter is not None else None, block_size)
     print(f"dflash: compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
 
 

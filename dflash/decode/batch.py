@@ -262,7 +262,7 @@ class BatchEngine:
         if not self.rows:
             self.cache, self.owned = cache, torch.ones(1, n, dtype=torch.bool, device=self.device)
             if self.drafting:
-                self.draft_cache = self.drafter.new_cache(batch=1, capacity=n + 4 * self.block_size)
+                self.draft_cache = self.drafter.new_cache(batch=1, capacity=n + 4 * self.drafter.config.block_size)
                 self.draft_owned = torch.zeros(1, 0, dtype=torch.bool, device=self.device)
         else:
             t = self.owned.shape[1]

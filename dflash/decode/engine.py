@@ -132,7 +132,7 @@ def stream(
     t0 = time.perf_counter()
     stats.new_tokens.append(first)
     context = out.features                 # target features of positions not yet given to the drafter
-    draft_cache = drafter.new_cache(capacity=n_prompt + budget + block_size) if drafting else None
+    draft_cache = drafter.new_cache(capacity=n_prompt + budget + drafter.config.block_size) if drafting else None
     start = n_prompt                       # position of the newest token; the target has not run it
     anchor = first
     done = first in stops
