@@ -385,6 +385,19 @@ class DFlashDraftModel(nn.Module):
         # fc sums len(ids) feature blocks: keep its output scale independent of their number
         nn.init.normal_(self.fc.weight, std=std / math.sqrt(len(self.config.target_layer_ids)))
 
+    def add_layers(self, n: int, std: float = 0.02) -> None:
+        """Append n layers that start as identities (their attention and MLP output projections
+        are zero), so a trained drafter deepens without forgetting: training then grows them."""
+        for _ in range(n):
+            layer = DFlashDecoderLayer(self.config, len(self.layers))
+            for module in layer.modules():
+                if isinstance(module, nn.Linear):
+                    nn.init.normal_(module.weight, std=std)
+            nn.init.zeros_(layer.self_attn.o_proj.weight)
+            nn.init.zeros_(layer.mlp.down_proj.weight)
+            self.layers.append(layer.to(self.device, self.dtype))
+        self.config.num_hidden_layers = len(self.layers)
+
     @classmethod
     def from_pretrained(cls, name_or_path: str, dtype: torch.dtype | str | None = None,
                         device: torch.device | str | None = None) -> "DFlashDraftModel":

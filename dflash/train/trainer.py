@@ -79,7 +79,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="mask token (default: 16 <empty_output> for SmolLM2, else the last vocabulary id)")
     g.add_argument("--init-from", default=None, metavar="DRAFTER",
                    help="start from this drafter's weights (a folder or Hub id; its layers, target layers and "
-                        "mask token are kept, --block-size applies): continue a released or earlier drafter")
+                        "mask token are kept, --block-size applies): continue a released or earlier drafter. "
+                        "A --num-layers above its depth appends layers that start as identities")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--anchors-per-seq", type=int, default=32, help="random blocks per conversation (default 32)")
@@ -299,6 +300,8 @@ class Trainer:
         elif a.init_from:
             drafter = DFlashDraftModel.from_pretrained(a.init_from, dtype="float32", device="cpu")
             drafter.config.block_size = a.block_size
+            if a.num_layers > drafter.config.num_hidden_layers:  # deepen: new layers start as identities
+                drafter.add_layers(a.num_layers - drafter.config.num_hidden_layers)
         else:
             torch.manual_seed(a.seed)
             mask_id = a.mask_token_id

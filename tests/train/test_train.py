@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from dflash import DFlashDraftModel
 from dflash.train import trainer as T
 from dflash.train.features import TargetFeatures
 
@@ -42,7 +43,7 @@ def test_training_blocks_see_what_decoding_shows_the_drafter(tiny_target_dir):
     """The trainer's one masked forward over many blocks and the engine's incremental drafting
     (context fed in uneven chunks to a draft cache, a throwaway block after each) must give the
     same draft logits for the same anchor: otherwise training teaches a task decoding never asks."""
-    from dflash import DFlashDraftModel, load_target
+    from dflash import load_target
     from dflash.target.adapter import TargetAdapter
 
     model, _ = load_target(str(tiny_target_dir), device="cpu")
@@ -111,7 +112,6 @@ def _worker(rank: int, world: int, port: int, argv: list[str]) -> None:
 
 
 def test_two_process_gloo_run_completes_and_saves(tiny_target_dir, regen_file, tmp_path):
-    from dflash import DFlashDraftModel
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -200,3 +200,26 @@ def test_init_from_keeps_weights_and_takes_the_new_block_size(tiny_target_dir, r
     for name, t in first.drafter.state_dict().items():
         # saved in bf16 (the released format): equal to bf16 precision
         assert torch.allclose(second.drafter.state_dict()[name], t, atol=1e-2, rtol=1e-2), name
+
+
+def test_init_from_with_more_layers_starts_from_the_same_drafts(tiny_target_dir, regen_file, tmp_path):
+    """Deepening a trained drafter: the appended layer starts as an identity (same loss as the
+    source), then trains (its output projections leave zero) and saves as a 2-layer drafter."""
+    first = T.Trainer(tiny_args(tiny_target_dir, regen_file, tmp_path / "a"))
+    first.train_step()
+    first.save()
+    source = DFlashDraftModel.from_pretrained(str(tmp_path / "a" / "drafter"), dtype="float32", device="cpu")
+    deeper = T.Trainer(tiny_args(tiny_target_dir, regen_file, tmp_path / "b", "--init-from",
+                                 str(tmp_path / "a" / "drafter"), "--num-layers", "2"))
+    assert len(deeper.drafter.layers) == 2 and deeper.config.num_hidden_layers == 2
+    items, anchors = deeper.load_items(deeper.train_set, [0, 1], 0, 6)
+    batch = T.make_batch(items, anchors, deeper.block_size, deeper.config.mask_token_id)
+    with torch.no_grad():
+        want, _ = T.forward_loss(source, deeper.adapter, batch, deeper.weights)
+        got, _ = T.forward_loss(deeper.drafter, deeper.adapter, batch, deeper.weights)
+    assert torch.allclose(got, want, atol=1e-5)
+    deeper.train_step()
+    assert deeper.drafter.layers[1].mlp.down_proj.weight.abs().sum() > 0
+    deeper.save()
+    saved = DFlashDraftModel.from_pretrained(str(tmp_path / "b" / "drafter"), dtype="float32", device="cpu")
+    assert saved.config.num_hidden_layers == 2
