@@ -345,6 +345,11 @@ class Trainer:
         self._order: list[int] | None = None
         if state is not None:
             self._load_state(state)
+        elif a.loss_vocab and drafter.draft_vocab is not None:  # --init-from: keep the vocabulary it drafts from
+            self.loss_vocab = drafter.draft_vocab.cpu()
+            if self.d.main:
+                print(f"dflash train: the loss ranges over the {len(self.loss_vocab)} draft-vocabulary tokens of "
+                      f"{a.init_from} plus each batch's labels", flush=True)
         elif a.loss_vocab:
             self.loss_vocab, covered = frequent_tokens(self.train_set, a.loss_vocab, self.adapter.vocab_size, a.seed)
             if self.d.main:

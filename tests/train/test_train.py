@@ -187,6 +187,10 @@ def test_loss_vocab_subset_matches_full_softmax_when_it_covers_everything(tiny_t
     trainer.save()  # the subset is part of the state: a resumed run uses the same one
     resumed = T.Trainer(tiny_args(tiny_target_dir, regen_file, tmp_path / "run", "--resume"))
     assert torch.equal(resumed.loss_vocab, trainer.loss_vocab)
+    # continuing a drafter keeps the vocabulary it drafts from, whatever K is asked
+    continued = T.Trainer(tiny_args(tiny_target_dir, regen_file, tmp_path / "next", "--loss-vocab", "30",
+                                    "--init-from", str(tmp_path / "run" / "drafter")))
+    assert torch.equal(continued.loss_vocab, trainer.loss_vocab)
 
 
 def test_init_from_keeps_weights_and_takes_the_new_block_size(tiny_target_dir, regen_file, tmp_path):
