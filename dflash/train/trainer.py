@@ -6,10 +6,16 @@ fly (no grad, only the layers the drafter reads), its embedding and LM head are 
 
 Launch commands:
 
-    # the shipped SmolLM2-135M-Instruct drafter, on CPU, in resumable chunks
+    # the shipped SmolLM2-135M-Instruct drafter, on CPU, in resumable chunks (the exact
+    # commands of each chunk: docs/drafter-smollm2.md); the first chunk was
     dflash train --data ../shared/datasets/regen/pools-even.jsonl.gz '../shared/datasets/regen/general-*.jsonl.gz' \
-        --in-order --out runs/smollm2 --num-layers 1 --intermediate-size 1536 --target-layers 1 14 27 \
-        --block-size 16 --max-len 768 --anchors-per-seq 32 --max-steps 20000 --resume
+        --in-order --out runs/smollm2 --num-layers 1 --target-layers 1 14 27 --block-size 16 --max-len 768 \
+        --anchors-per-seq 32 --max-steps 2400 --loss-vocab 8192 --max-minutes 140 --resume
+
+    # continue the shipped drafter with a fresh schedule (keeps its draft vocabulary)
+    dflash train --data ../shared/datasets/regen/pools-even.jsonl.gz --init-from dflash/drafters/smollm2-135m-instruct \
+        --block-size 16 --anchors-per-seq 64 --max-steps 1000 --lr 3e-4 --loss-vocab 8192 \
+        --feature-cache runs/feature-cache --out runs/next --max-minutes 150 --resume
 
     # two CPU processes (gloo)
     torchrun --standalone --nproc_per_node 2 -m dflash.train.trainer --data DATA.jsonl.gz --out runs/x
