@@ -1,4 +1,4 @@
-"""Train a DFlash drafter for a target from regenerated conversations.
+r"""Train a DFlash drafter for a target from regenerated conversations.
 
 The same file runs in one process (CPU or one GPU) or in several under torchrun (DDP: gloo on
 CPU, nccl on GPU); rank 0 logs and saves. The target is frozen: its features are computed on the
