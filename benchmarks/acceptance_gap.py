@@ -23,6 +23,7 @@ import argparse
 import torch
 
 from dflash import DFlashDraftModel, TargetAdapter, chat_input_ids, default_drafter_path, generate, load_target
+from dflash.bench.report import acceptance_summary
 from dflash.datasets import eval_prompts
 from dflash.target.loader import stop_token_ids
 from dflash.train.blocks import BlockStats, valid_anchors
@@ -48,30 +49,30 @@ def main() -> None:
     stops = stop_token_ids(tokenizer, model)
     features = TargetFeatures(model, drafter.target_layer_ids)
     adapter = TargetAdapter.wrap(model, drafter.target_layer_ids)
-    reached, accepted = torch.zeros(block - 1), torch.zeros(block - 1)
+    lengths: list[int] = []
+    drafted: list[int] = []
     teacher = BlockStats.zeros(trained)
     for turns in eval_prompts(args.dataset, args.data_dir, args.prompts):
         prompt = chat_input_ids(tokenizer, [{"role": "user", "content": turns[0]}])
         stats = generate(model, drafter, prompt, max_new_tokens=args.new_tokens, block_size=block,
                          stop_token_ids=stops)
-        for n, drafted in zip(stats.acceptance_lengths, stats.draft_lengths):
-            for k in range(min(n, drafted)):          # drafts 1..k accepted -> draft k+1 reached
-                reached[k] += 1
-                accepted[k] += n - 1 > k
+        lengths += stats.acceptance_lengths
+        drafted += stats.draft_lengths
         ids = stats.output_ids[0]
         supervised = torch.arange(len(ids)) >= len(prompt)
         with torch.no_grad():
             feats = features(ids)
             for anchors in valid_anchors(supervised).split(32):
                 batch = make_batch([(feats, ids, supervised)], [anchors], trained, drafter.mask_token_id)
-                logits = adapter.lm_head(block_hidden(drafter, adapter, batch, trained))
-                if drafter.draft_vocab is not None:  # as decoding: only draft-vocabulary tokens are proposed
-                    keep = torch.full((logits.shape[-1],), float("-inf"))
-                    keep[drafter.draft_vocab] = 0
-                    logits = logits + keep
-                teacher.update(logits.argmax(-1)[0], batch.labels[0])
+                hidden = block_hidden(drafter, adapter, batch, trained)
+                vocab = drafter.draft_vocab  # as decoding: only draft-vocabulary tokens are proposed
+                if vocab is None:
+                    guesses = adapter.lm_head(hidden).argmax(-1)
+                else:
+                    guesses = vocab[adapter.lm_head(hidden, vocab=vocab).argmax(-1)]
+                teacher.update(guesses[0], batch.labels[0])
         print(f"tau {stats.tau:.2f}  {tokenizer.decode(stats.new_tokens[:50])!r}", flush=True)
-    real = (accepted / reached.clamp(min=1)).tolist()
+    real = [x or 0.0 for x in acceptance_summary(lengths, block, drafted)["per_position_acceptance"]]
     print(f"block {block} (drafted as {trained}), {args.prompts} {args.dataset} prompts")
     print("draft position         " + " ".join(f"{k:>6}" for k in range(1, block)))
     print("real acceptance        " + " ".join(f"{x:6.3f}" for x in real))

@@ -41,11 +41,11 @@ def acceptance_summary(lengths: list[int], block_size: int, drafted: list[int] |
     to have verified a full block.
     """
     histogram = dict(sorted(Counter(lengths).items()))
-    drafted = drafted if drafted is not None and len(drafted) == len(lengths) else [block_size - 1] * len(lengths)
+    drafted = drafted or [block_size - 1] * len(lengths)
     per_position = []
     for k in range(1, block_size):
-        reached = sum(1 for n, d in zip(lengths, drafted) if n - 1 >= k - 1 and d >= k)
-        accepted = sum(1 for n, d in zip(lengths, drafted) if n - 1 >= k and d >= k)
+        reached = sum(1 for n, d in zip(lengths, drafted, strict=True) if n - 1 >= k - 1 and d >= k)
+        accepted = sum(1 for n, d in zip(lengths, drafted, strict=True) if n - 1 >= k and d >= k)
         per_position.append(round(accepted / reached, 4) if reached else None)
     return {"tau": sum(lengths) / len(lengths) if lengths else 0.0, "verify_forwards": len(lengths),
             "verify_tokens": sum(lengths), "acceptance_histogram": {str(k): v for k, v in histogram.items()},

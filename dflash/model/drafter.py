@@ -373,15 +373,20 @@ class DFlashDraftModel(nn.Module):
         weight = target.get_input_embeddings().weight
         return model.to(device=weight.device, dtype=torch.float32 if weight.device.type == "cpu" else weight.dtype)
 
-    def reset_parameters(self, std: float = 0.02) -> None:
-        """Normal(0, std) linear weights, unit norms: the usual initialisation for such stacks."""
-        for module in self.modules():
+    @staticmethod
+    def _initialise(root: nn.Module, std: float) -> None:
+        """Normal(0, std) linear weights, zero biases, unit norms: the usual initialisation for such stacks."""
+        for module in root.modules():
             if isinstance(module, nn.Linear):
                 nn.init.normal_(module.weight, std=std)
                 if module.bias is not None:
                     nn.init.zeros_(module.bias)
             elif isinstance(module, RMSNorm):
                 nn.init.ones_(module.weight)
+
+    def reset_parameters(self, std: float = 0.02) -> None:
+        """Initialise every weight afresh (see `_initialise`)."""
+        self._initialise(self, std)
         # fc sums len(ids) feature blocks: keep its output scale independent of their number
         nn.init.normal_(self.fc.weight, std=std / math.sqrt(len(self.config.target_layer_ids)))
 
@@ -390,9 +395,7 @@ class DFlashDraftModel(nn.Module):
         are zero), so a trained drafter deepens without forgetting: training then grows them."""
         for _ in range(n):
             layer = DFlashDecoderLayer(self.config, len(self.layers))
-            for module in layer.modules():
-                if isinstance(module, nn.Linear):
-                    nn.init.normal_(module.weight, std=std)
+            self._initialise(layer, std)
             nn.init.zeros_(layer.self_attn.o_proj.weight)
             nn.init.zeros_(layer.mlp.down_proj.weight)
             self.layers.append(layer.to(self.device, self.dtype))

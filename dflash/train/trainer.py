@@ -208,6 +208,11 @@ def make_batch(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], anc
     return Batch(hidden, tokens, positions, mask, labels)
 
 
+def _autocast(device: torch.device):
+    """bf16 autocast on a GPU (the drafter's weights stay float32), nothing on a CPU."""
+    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+
+
 def block_hidden(drafter: Any, adapter: Any, batch: Batch, block_size: int) -> torch.Tensor:
     """The drafter's hidden states at draft positions 1..B-1 of every block, [b, n_a, B-1, H]:
     all blocks of a sequence in one masked forward, each seeing exactly what decoding shows it."""
@@ -217,7 +222,7 @@ def block_hidden(drafter: Any, adapter: Any, batch: Batch, block_size: int) -> t
         noise = adapter.embed(batch.tokens.to(device)).float()
     n_ctx = batch.hidden.shape[1]
     ctx_pos = torch.arange(n_ctx, device=device).expand(b, n_ctx)
-    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+    with _autocast(device):
         out = drafter(noise, batch.hidden.to(device).float(), ctx_pos, batch.positions.to(device),
                       attn_mask=batch.mask.to(device))
     return out.view(b, -1, block_size, out.shape[-1])[:, :, 1:]
@@ -231,14 +236,13 @@ def forward_loss(drafter: Any, adapter: Any, batch: Batch, weights: torch.Tensor
     device = adapter.device
     block_size = weights.shape[0] + 1
     out = block_hidden(drafter, adapter, batch, block_size)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
     labels = batch.labels.to(device)
     valid = labels != IGNORE
     n = int(valid.sum())
     if n == 0:
         return out.sum() * 0.0, 0
     targets = labels[valid]
-    with autocast:
+    with _autocast(device):
         if vocab is None:
             logits = adapter.lm_head(out[valid])                         # [N, V]
         else:
