@@ -53,6 +53,7 @@ from dflash.train.blocks import (IGNORE, BlockStats, block_attention_mask, block
 from dflash.train.dataset import ConversationDataset, epoch_order, is_held_out, load_conversations
 
 STATE_FILE = "training_state.pt"
+FIT_PROBE_STEPS = 20  # --fit-minutes measures the step rate over these steps (after 2 warm-up steps)
 SMOLLM2_MASK_TOKEN = 16  # <empty_output>: never appears in chat
 
 
@@ -76,6 +77,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target", default=None, metavar="NAME_OR_PATH",
                    help="target model (default: the embedded smollm2-135m-instruct)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available; LOCAL_RANK under torchrun)")
+    g.add_argument("--target-dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                   help="the frozen target's dtype for features (default: float32 on CPU, bfloat16 on GPU). "
+                        "float32 on a GPU (TF32 matrix products) gives features closer to what CPU decoding "
+                        "feeds the drafter, at a small target's modest cost")
     g.add_argument("--num-layers", type=int, default=1, help="draft layers (default 1)")
     g.add_argument("--intermediate-size", type=int, default=None, help="draft MLP width (default: the target's)")
     g.add_argument("--target-layers", type=int, nargs="+", default=None, metavar="ID",
@@ -105,6 +110,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--clip", type=float, default=1.0, help="gradient-norm clip (default 1.0)")
     g.add_argument("--max-steps", type=int, default=None, help="optimizer steps (the schedule's length)")
     g.add_argument("--epochs", type=float, default=1.0, help="epochs when --max-steps is not given (default 1)")
+    g.add_argument("--fit-minutes", type=float, default=None, metavar="M",
+                   help="size the schedule to M minutes of training steps (evaluations not counted): after "
+                        f"{FIT_PROBE_STEPS} steps at the measured rate, --max-steps becomes what fits, and the "
+                        "warm-up and cosine follow; a resumed run keeps the fitted length. For a time budget, "
+                        "e.g. a borrowed GPU; pair it with a slightly larger --max-minutes")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's)")
 
@@ -140,6 +150,8 @@ def check_arguments(a: argparse.Namespace) -> None:
         raise DFlashError("--lr and --clip must be positive and --warmup in [0, 1)")
     if a.max_steps is not None and a.max_steps < 1:
         raise DFlashError("--max-steps must be at least 1")
+    if a.fit_minutes is not None and a.fit_minutes <= 0:
+        raise DFlashError("--fit-minutes must be positive")
 
 
 # --- distributed ---------------------------------------------------------------------------------
@@ -300,7 +312,9 @@ class Trainer:
             torch.set_num_threads(a.threads)
         self.out = Path(a.out)
         state = self._find_state()
-        self.model, self.tokenizer = load_target(a.target, device=self.device)
+        if self.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # float32 target features: TF32 is ample
+        self.model, self.tokenizer = load_target(a.target, dtype=a.target_dtype, device=self.device)
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -352,6 +366,7 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lr_lambda(self.max_steps, a.warmup, a.min_lr_ratio))
         self.step, self.epoch, self.cursor, self.best_tau = 0, 0, 0, -1.0
+        self.fitted = False  # whether --fit-minutes has set max_steps
         self._order: list[int] | None = None
         if state is not None:
             self._load_state(state)
@@ -397,6 +412,7 @@ class Trainer:
             "optimizer": opt,
             "scheduler": self.scheduler.state_dict(),
             "step": self.step, "epoch": self.epoch, "cursor": self.cursor, "best_tau": self.best_tau,
+            "max_steps": self.max_steps, "fitted": self.fitted,
             "loss_vocab": self.loss_vocab,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
@@ -414,6 +430,8 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step, self.epoch, self.cursor = state["step"], state["epoch"], state["cursor"]
         self.best_tau = state.get("best_tau", -1.0)
+        if state.get("fitted"):
+            self._set_schedule(state["max_steps"])
         self.loss_vocab = state.get("loss_vocab")
         torch.set_rng_state(state["rng"]["torch"])
         random.setstate(state["rng"]["python"])
@@ -431,6 +449,26 @@ class Trainer:
         tmp.replace(folder / STATE_FILE)
         if not compact:
             self.drafter.save_pretrained(str(folder / "drafter"))
+
+    def _set_schedule(self, max_steps: int) -> None:
+        """Make the warm-up and cosine span `max_steps` (from --fit-minutes)."""
+        a = self.args
+        self.max_steps, self.fitted = max_steps, True
+        self.scheduler.lr_lambdas = [lr_lambda(max_steps, a.warmup, a.min_lr_ratio)]
+
+    def _fit_schedule(self, started: float, probe: tuple[float, int]) -> None:
+        """--fit-minutes: the steps that fit in the rest of the budget at the rate since `probe`."""
+        t0, s0 = probe
+        now = time.time()
+        per_step = (now - t0) / max(1, self.step - s0)
+        left = 60 * self.args.fit_minutes - (now - started)
+        fitted = self.step + max(1, int(left / per_step))
+        if self.d.world > 1:  # every rank must agree on the schedule
+            fitted = int(all_sum(torch.tensor([fitted], device=self.device), self.d).item()) // self.d.world
+        self._set_schedule(fitted)
+        if self.d.main:
+            print(f"dflash train: {per_step:.3f} s per step; --fit-minutes {self.args.fit_minutes:g} "
+                  f"-> {fitted} steps", flush=True)
 
     # --- data ------------------------------------------------------------------------------
 
@@ -452,12 +490,11 @@ class Trainer:
         return sample_anchors(loss_mask, count, g)
 
     def load_items(self, dataset: ConversationDataset, indices: list[int], epoch: int, count: int):
-        items, anchors = [], []
-        for i in indices:
-            ids, loss_mask = dataset[i]
-            key = dataset.key(i) if dataset is self.train_set else None
-            items.append((self.features(ids, key), ids, loss_mask))
-            anchors.append(self.anchors_for(i, loss_mask, epoch, count))
+        rows = [dataset[i] for i in indices]
+        keys = [dataset.key(i) if dataset is self.train_set else None for i in indices]
+        feats = self.features.many([ids for ids, _ in rows], keys)  # one target forward for the misses
+        items = [(f, ids, loss_mask) for f, (ids, loss_mask) in zip(feats, rows)]
+        anchors = [self.anchors_for(i, loss_mask, epoch, count) for i, (_, loss_mask) in zip(indices, rows)]
         return items, anchors
 
     # --- loop ---------------------------------------------------------------------------------
@@ -537,8 +574,16 @@ class Trainer:
         result: dict[str, Any] = {}
         window = BlockStats.zeros(self.block_size)
         window_loss, window_n = 0.0, 0
+        first_step, probe = self.step, None
         while self.step < self.max_steps:
             loss, stats = self.train_step()
+            if a.fit_minutes and not self.fitted:
+                if self.step - first_step == 2:
+                    probe = (time.time(), self.step)
+                elif probe is not None and self.step - first_step == FIT_PROBE_STEPS + 2:
+                    self._fit_schedule(started, probe)
+                    if bar is not None:
+                        bar.total = self.max_steps
             window.merge(stats)
             window_loss, window_n = window_loss + loss, window_n + 1
             if bar is not None:
