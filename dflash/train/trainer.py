@@ -17,6 +17,12 @@ Launch commands:
         --block-size 16 --anchors-per-seq 64 --max-steps 1000 --lr 3e-4 --loss-vocab 8192 \
         --feature-cache runs/feature-cache --out runs/next --max-minutes 150 --resume
 
+    # continue it on one GPU for a fixed time: the warm-up and cosine are sized to 8 minutes
+    # (the shipped drafter's last chunk, on an H200; float32 target features as CPU decoding sees)
+    dflash train --data '../shared/datasets/regen/*.jsonl.gz' --init-from dflash/drafters/smollm2-135m-instruct \
+        --block-size 16 --anchors-per-seq 64 --batch-size 16 --grad-accum 1 --lr 6e-4 --warmup 0.05 \
+        --loss-vocab 8192 --target-dtype float32 --fit-minutes 8 --max-minutes 8.4 --out runs/gpu
+
     # two CPU processes (gloo)
     torchrun --standalone --nproc_per_node 2 -m dflash.train.trainer --data DATA.jsonl.gz --out runs/x
 

@@ -39,6 +39,39 @@ def test_features_equal_what_decoding_feeds(tiny_target_dir):
         assert torch.allclose(got, want, atol=1e-5), layers
 
 
+def test_batched_features_equal_one_at_a_time(tiny_target_dir, tmp_path):
+    """Several conversations share one right-padded target forward: each must get exactly the
+    features of its own forward (causal attention never looks at the padding), cached or not."""
+    from dflash import load_target
+
+    model, _ = load_target(str(tiny_target_dir), device="cpu")
+    seqs = [torch.randint(5, 1000, (n,)) for n in (30, 7, 19)]
+    single = TargetFeatures(model, [0, 2])
+    alone = [single(ids) for ids in seqs]
+    cached = TargetFeatures(model, [0, 2], cache_dir=tmp_path)
+    for tol in (1e-5, 1e-2):  # computed (and stored), then the keyed ones read back in bf16
+        together = cached.many(seqs, ["a", "b", None])
+        for ids, want, got in zip(seqs, alone, together):
+            assert got.shape == (1, len(ids), want.shape[-1])
+            assert torch.allclose(got, want, atol=tol, rtol=tol)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["a-30.pt", "b-7.pt"]
+
+
+def test_fit_minutes_sizes_the_schedule_to_the_budget(tiny_target_dir, regen_file, tmp_path):
+    """--fit-minutes replaces the placeholder schedule with what fits after the rate probe, ends
+    there with the cosine run out, and a resumed run keeps that length."""
+    args = tiny_args(tiny_target_dir, regen_file, tmp_path / "run", "--max-steps", "100000",
+                     "--fit-minutes", "0.03", "--eval-every", "100000", "--warmup", "0.1")
+    T.train(args)
+    state = torch.load(tmp_path / "run" / T.STATE_FILE, weights_only=False)
+    assert state["fitted"] and T.FIT_PROBE_STEPS + 2 < state["max_steps"] < 100000
+    assert state["step"] == state["max_steps"]
+    assert state["scheduler"]["_last_lr"][0] < 1e-3 * args.lr  # the cosine ran to its end
+    resumed = T.Trainer(tiny_args(tiny_target_dir, regen_file, tmp_path / "run", "--max-steps", "100000",
+                                  "--fit-minutes", "0.03", "--resume"))
+    assert resumed.max_steps == state["max_steps"] and resumed.fitted
+
+
 def test_training_blocks_see_what_decoding_shows_the_drafter(tiny_target_dir):
     """The trainer's one masked forward over many blocks and the engine's incremental drafting
     (context fed in uneven chunks to a draft cache, a throwaway block after each) must give the
