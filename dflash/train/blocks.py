@@ -73,12 +73,15 @@ def build_blocks(ids: torch.Tensor, loss_mask: torch.Tensor, anchors: torch.Tens
 
 def block_attention_mask(anchors: torch.Tensor, n_ctx: int, block_size: int) -> torch.Tensor:
     """Boolean mask [n_a * B, n_ctx + n_a * B] (True = may attend), keys ordered [context ; blocks]:
-    a query of block i sees context keys j < anchor_i and every key of block i."""
-    n_a = anchors.shape[0]
-    block_of_query = torch.arange(n_a).repeat_interleave(block_size)       # [Q]
-    ctx = torch.arange(n_ctx)[None, :] < anchors[block_of_query][:, None]  # [Q, n_ctx]
-    own = block_of_query[:, None] == block_of_query[None, :]               # [Q, Q]
-    return torch.cat([ctx, own], dim=1)
+    a query of block i sees context keys j < anchor_i and every key of block i. Anchors
+    [b, n_a] give [b, n_a * B, n_ctx + n_a * B], built where the anchors are (on a GPU there,
+    rather than copied over: a step's masks are tens of megabytes)."""
+    rows = anchors if anchors.dim() == 2 else anchors[None]
+    block_of_query = torch.arange(rows.shape[1], device=rows.device).repeat_interleave(block_size)  # [Q]
+    ctx = torch.arange(n_ctx, device=rows.device) < rows[:, block_of_query, None]                 # [b, Q, n_ctx]
+    own = block_of_query[:, None] == block_of_query[None, :]                                        # [Q, Q]
+    mask = torch.cat([ctx, own.expand(rows.shape[0], -1, -1)], dim=-1)
+    return mask if anchors.dim() == 2 else mask[0]
 
 
 def block_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:

@@ -199,7 +199,7 @@ class Batch:
     hidden: torch.Tensor        # [b, n_ctx, F] target features (right-padded)
     tokens: torch.Tensor        # [b, Q] block tokens
     positions: torch.Tensor     # [b, Q]
-    mask: torch.Tensor          # [b, 1, Q, n_ctx + Q]
+    anchors: torch.Tensor       # [b, n_anchors] (padding: anchor 0); the mask is built from them
     labels: torch.Tensor        # [b, n_anchors, B-1]
 
 
@@ -214,7 +214,7 @@ def make_batch(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], anc
     hidden = items[0][0].new_zeros(b, n_ctx, width)
     tokens = torch.full((b, q), mask_token_id, dtype=torch.long)
     positions = torch.zeros(b, q, dtype=torch.long)
-    mask = torch.zeros(b, 1, q, n_ctx + q, dtype=torch.bool)
+    padded_anchors = torch.zeros(b, n_a, dtype=torch.long)
     labels = torch.full((b, n_a, block_size - 1), IGNORE, dtype=torch.long)
     for i, ((feats, ids, loss_mask), a) in enumerate(zip(items, anchors)):
         hidden[i, : feats.shape[1]] = feats[0]
@@ -222,8 +222,8 @@ def make_batch(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], anc
         blocks = build_blocks(ids, loss_mask, padded, block_size, mask_token_id)
         tokens[i], positions[i] = blocks.tokens, blocks.positions
         labels[i, : len(a)] = blocks.labels[: len(a)]
-        mask[i, 0] = block_attention_mask(padded, n_ctx, block_size)
-    return Batch(hidden, tokens, positions, mask, labels)
+        padded_anchors[i] = padded
+    return Batch(hidden, tokens, positions, padded_anchors, labels)
 
 
 def _autocast(device: torch.device):
@@ -242,7 +242,7 @@ def block_hidden(drafter: Any, adapter: Any, batch: Batch, block_size: int) -> t
     ctx_pos = torch.arange(n_ctx, device=device).expand(b, n_ctx)
     with _autocast(device):
         out = drafter(noise, batch.hidden.to(device).float(), ctx_pos, batch.positions.to(device),
-                      attn_mask=batch.mask.to(device))
+                      attn_mask=block_attention_mask(batch.anchors.to(device), n_ctx, block_size)[:, None])
     return out.view(b, -1, block_size, out.shape[-1])[:, :, 1:]
 
 

@@ -39,6 +39,14 @@ def test_mask_matches_definition_for_random_anchors():
             assert bool(mask[qi, k]) == bool(want)
 
 
+def test_batched_mask_stacks_the_single_ones():
+    anchors = torch.tensor([[3, 9, 20], [0, 0, 0], [5, 6, 0]])  # a row of padding, a padded row
+    batched = block_attention_mask(anchors, 25, 4)
+    assert batched.shape == (3, 12, 25 + 12)
+    for row, a in zip(batched, anchors):
+        assert torch.equal(row, block_attention_mask(a, 25, 4))
+
+
 def test_loss_weights_and_gamma():
     w = loss_weights(16, 7.0)
     assert w.shape == (15,)
