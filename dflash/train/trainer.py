@@ -218,11 +218,10 @@ def make_batch(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], anc
     labels = torch.full((b, n_a, block_size - 1), IGNORE, dtype=torch.long)
     for i, ((feats, ids, loss_mask), a) in enumerate(zip(items, anchors)):
         hidden[i, : feats.shape[1]] = feats[0]
-        padded = torch.cat([a, a.new_zeros(n_a - len(a))])
-        blocks = build_blocks(ids, loss_mask, padded, block_size, mask_token_id)
+        padded_anchors[i, : len(a)] = a
+        blocks = build_blocks(ids, loss_mask, padded_anchors[i], block_size, mask_token_id)
         tokens[i], positions[i] = blocks.tokens, blocks.positions
         labels[i, : len(a)] = blocks.labels[: len(a)]
-        padded_anchors[i] = padded
     return Batch(hidden, tokens, positions, padded_anchors, labels)
 
 
