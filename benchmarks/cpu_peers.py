@@ -34,6 +34,19 @@ from dflash.target.lean import compile_steps
 from dflash.target.packed import PackedFp16Linear, apply_cpu_weights
 
 
+def cpu_description() -> str:
+    """The CPU's model name and the widest vector ISA torch uses on it (runs differ by machine)."""
+    name = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{name}, {os.cpu_count()} cores, torch kernels {torch.backends.cpu.get_cpu_capability()}"
+
+
 def memory_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
     """Best read bandwidth of summing a float32 tensor far larger than any cache."""
     x = torch.ones(int(gib * (1 << 30)) // 4)
@@ -152,7 +165,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
-    results: dict[str, Any] = {"config": vars(args)}
+    results: dict[str, Any] = {"config": vars(args), "cpu": cpu_description()}
+    print(f"cpu: {results['cpu']}", flush=True)
     bandwidth = memory_bandwidth_gb_s()
     results["bandwidth_gb_s"] = bandwidth
     print(f"memory read bandwidth: {bandwidth:.1f} GB/s", flush=True)

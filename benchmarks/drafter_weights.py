@@ -15,15 +15,11 @@ package keeps fp16 drafters.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
+from compare_drafters import compiled_target, interleaved_runs
 
-from dflash import DFlashDraftModel, default_drafter_path, load_target
-from dflash.cli.common import announce_and_compile
-from dflash.datasets import eval_prompts
-from dflash.decode.engine import generate
-from dflash.target.loader import chat_input_ids, stop_token_ids
+from dflash import DFlashDraftModel, default_drafter_path
 from dflash.target.packed import pack_fp16_linears
 
 
@@ -58,39 +54,14 @@ def main() -> None:
     p.add_argument("--draft", default=None, help="drafter folder (default: the shipped one)")
     p.add_argument("--data-dir", default=None)
     args = p.parse_args()
-    torch.set_num_threads(2)
-    model, tok = load_target(device="cpu", cpu_weights="fp16", compile=True)
     path = args.draft or str(default_drafter_path())
     drafters = {}
     for name, pack in (("fp16", pack_fp16_linears), ("int8", pack_int8_linears)):
         drafters[name] = DFlashDraftModel.from_pretrained(path, device="cpu")
         pack(drafters[name])
-    announce_and_compile(model, drafters["fp16"], 4)
-    stops = stop_token_ids(tok, model)
-    prompts = [torch.tensor([chat_input_ids(tok, t[0])]) for t in eval_prompts("gsm8k", args.data_dir, args.prompts)]
-    runs = {"plain": (None, 1), **{name: (d, 4) for name, d in drafters.items()}}  # plain first: the reference
-    totals = {name: [0, 0.0, 0, 0] for name in runs}  # tokens, seconds, steps, identical
-    for ids in prompts:
-        reference = None
-        for name, (drafter, block) in runs.items():
-            start = time.perf_counter()
-            stats = generate(model, drafter, ids, max_new_tokens=args.new_tokens, block_size=block,
-                             stop_token_ids=stops, draft_threshold=0.1 if drafter is not None else 0.0)
-            seconds = time.perf_counter() - start
-            reference = stats.output_ids if reference is None else reference
-            t = totals[name]
-            t[0] += stats.num_new_tokens
-            t[1] += seconds
-            t[2] += len(stats.acceptance_lengths) if drafter is not None else stats.num_new_tokens
-            t[3] += int(torch.equal(stats.output_ids, reference))
-    plain_rate = totals["plain"][0] / totals["plain"][1]
-    print(f"{len(prompts)} GSM8K prompts x up to {args.new_tokens} tokens, block 4, threshold 0.1, fp16 compiled target")
-    print("| drafter linears | tok/s | vs plain | tau | identical to plain |")
-    print("|---|---|---|---|---|")
-    for name, (n, s, steps, same) in totals.items():
-        rate = n / s
-        print(f"| {name if name != 'plain' else '(plain decoding)'} | {rate:.2f} | {rate / plain_rate:.2f}x | "
-              f"{n / steps:.2f} | {same}/{len(prompts)} |")
+    model, tokenizer = compiled_target(4, drafters["fp16"])
+    interleaved_runs(model, tokenizer, drafters, prompts=args.prompts, new_tokens=args.new_tokens,
+                     data_dir=args.data_dir)
 
 
 if __name__ == "__main__":

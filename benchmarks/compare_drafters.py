@@ -1,0 +1,91 @@
+"""Which drafter decodes fastest on this CPU? One run, the same prompts, every drafter and plain
+decoding interleaved prompt by prompt (machine noise hits all alike), on the compiled fp16
+target: tokens/s, the ratio to plain decoding, tau and the identity of each output with plain
+decoding. Use it to choose among trained drafters (depth, block size, checkpoints).
+
+    python benchmarks/compare_drafters.py --draft runs/a/drafter runs/b/drafter --prompts 20 --skip 100
+
+`--skip` starts past the prompts a final report uses (GSM8K's first 100), so choosing a drafter
+here does not tune it to the report's prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any
+
+import torch
+
+from dflash import DFlashDraftModel, default_drafter_path, load_target
+from dflash.cli.common import announce_and_compile
+from dflash.datasets import eval_prompts
+from dflash.decode.engine import generate
+from dflash.target.loader import chat_input_ids, stop_token_ids
+from dflash.target.packed import pack_fp16_linears
+
+
+def interleaved_runs(model: Any, tokenizer: Any, drafters: dict[str, Any], *, dataset: str = "gsm8k",
+                     prompts: int = 10, skip: int = 0, new_tokens: int = 256, block_size: int = 4,
+                     threshold: float = 0.1, data_dir: str | None = None) -> None:
+    """Decode each prompt with plain decoding, then with every drafter; print one table row each."""
+    stops = stop_token_ids(tokenizer, model)
+    rows = eval_prompts(dataset, data_dir, skip + prompts)[skip:]
+    inputs = [torch.tensor([chat_input_ids(tokenizer, turns[0])]) for turns in rows]
+    runs = {"(plain decoding)": None, **drafters}  # plain first: the reference
+    totals = {name: [0, 0.0, 0, 0] for name in runs}  # tokens, seconds, steps, identical
+    for ids in inputs:
+        reference = None
+        for name, drafter in runs.items():
+            start = time.perf_counter()
+            stats = generate(model, drafter, ids, max_new_tokens=new_tokens,
+                             block_size=block_size if drafter is not None else 1, stop_token_ids=stops,
+                             draft_threshold=threshold if drafter is not None else 0.0)
+            seconds = time.perf_counter() - start
+            reference = stats.output_ids if reference is None else reference
+            t = totals[name]
+            t[0] += stats.num_new_tokens
+            t[1] += seconds
+            t[2] += len(stats.acceptance_lengths) if drafter is not None else stats.num_new_tokens
+            t[3] += int(torch.equal(stats.output_ids, reference))
+    plain_rate = totals["(plain decoding)"][0] / totals["(plain decoding)"][1]
+    print(f"{len(inputs)} {dataset} prompts (from #{skip}) x up to {new_tokens} tokens, block {block_size}, "
+          f"threshold {threshold:g}, fp16 compiled target")
+    print("| drafter | tok/s | vs plain | tau | identical to plain |")
+    print("|---|---|---|---|---|")
+    for name, (n, s, steps, same) in totals.items():
+        rate = n / s
+        print(f"| {name} | {rate:.2f} | {rate / plain_rate:.2f}x | {n / steps:.2f} | {same}/{len(inputs)} |")
+
+
+def compiled_target(block_size: int, drafter: Any) -> tuple[Any, Any]:
+    """The embedded target with packed fp16 weights and compiled decoding steps."""
+    torch.set_num_threads(2)
+    model, tokenizer = load_target(device="cpu", cpu_weights="fp16", compile=True)
+    announce_and_compile(model, drafter, block_size)
+    return model, tokenizer
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--draft", nargs="+", default=None, help="drafter folders (default: the shipped one)")
+    p.add_argument("--dataset", default="gsm8k")
+    p.add_argument("--prompts", type=int, default=10)
+    p.add_argument("--skip", type=int, default=0, help="start at this prompt of the set")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--block-size", type=int, default=4)
+    p.add_argument("--draft-threshold", type=float, default=0.1)
+    p.add_argument("--data-dir", default=None)
+    args = p.parse_args()
+    drafters = {}
+    for path in args.draft or [str(default_drafter_path())]:
+        drafters[path] = DFlashDraftModel.from_pretrained(path, device="cpu")
+        pack_fp16_linears(drafters[path])
+    model, tokenizer = compiled_target(args.block_size, next(iter(drafters.values())))
+    interleaved_runs(model, tokenizer, drafters, dataset=args.dataset, prompts=args.prompts, skip=args.skip,
+                     new_tokens=args.new_tokens, block_size=args.block_size, threshold=args.draft_threshold,
+                     data_dir=args.data_dir)
+
+
+if __name__ == "__main__":
+    main()
