@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -58,12 +58,15 @@ def interleaved_runs(model: Any, tokenizer: Any, drafters: dict[str, Any], *, da
         print(f"| {name} | {rate:.2f} | {rate / plain_rate:.2f}x | {n / steps:.2f} | {same}/{len(inputs)} |")
 
 
-def compiled_target(block_size: int, drafter: Any) -> tuple[Any, Any]:
-    """The embedded target with packed fp16 weights and compiled decoding steps."""
+def compiled_target(block_size: int, load_drafters: Callable[[], dict[str, Any]]) -> tuple[Any, Any, dict[str, Any]]:
+    """The embedded target with packed fp16 weights and compiled decoding steps, and the
+    drafters `load_drafters` returns. The target is packed first: its layers' slot numbers are
+    part of the compiled graphs, so they stay those the CLI gives them (inductor's disk cache hits)."""
     torch.set_num_threads(2)
     model, tokenizer = load_target(device="cpu", cpu_weights="fp16", compile=True)
-    announce_and_compile(model, drafter, block_size)
-    return model, tokenizer
+    drafters = load_drafters()
+    announce_and_compile(model, next(iter(drafters.values())), block_size)
+    return model, tokenizer, drafters
 
 
 def main() -> None:
@@ -77,11 +80,14 @@ def main() -> None:
     p.add_argument("--draft-threshold", type=float, default=0.1)
     p.add_argument("--data-dir", default=None)
     args = p.parse_args()
-    drafters = {}
-    for path in args.draft or [str(default_drafter_path())]:
-        drafters[path] = DFlashDraftModel.from_pretrained(path, device="cpu")
-        pack_fp16_linears(drafters[path])
-    model, tokenizer = compiled_target(args.block_size, next(iter(drafters.values())))
+    def load_drafters() -> dict[str, Any]:
+        drafters = {}
+        for path in args.draft or [str(default_drafter_path())]:
+            drafters[path] = DFlashDraftModel.from_pretrained(path, device="cpu")
+            pack_fp16_linears(drafters[path])
+        return drafters
+
+    model, tokenizer, drafters = compiled_target(args.block_size, load_drafters)
     interleaved_runs(model, tokenizer, drafters, dataset=args.dataset, prompts=args.prompts, skip=args.skip,
                      new_tokens=args.new_tokens, block_size=args.block_size, threshold=args.draft_threshold,
                      data_dir=args.data_dir)
