@@ -90,7 +90,13 @@ class LeanLlama:
 
         from dflash.target.loader import cache_dir
 
-        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(cache_dir() / "inductor"))  # kept across sessions
+        from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+        # kept across sessions. torch writes its /tmp default into the variable the first time it
+        # asks (loading the target already does), so only a value other than that is the user's
+        current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
         limit = torch._dynamo.config.recompile_limit  # one graph per block length and capacity
         torch._dynamo.config.recompile_limit = max(limit, 4 * COMPILED_MAX_TOKENS)
         self.compiled = torch.compile(self._run, dynamic=False, options={"split_reductions": False})

@@ -1,5 +1,7 @@
 """fp16 CPU weights (--cpu-weights fp16): exact against the same packed model's own decoding."""
 
+import os
+
 import pytest
 import torch
 from helpers import BATCH_PROMPTS, PROMPTS, greedy_reference, oracle_for, run_all, tiny_target
@@ -178,3 +180,19 @@ def test_compiled_smollm2_decodes_like_the_eager_one(smollm_fp16):
         stats = generate(model, drafter, ids, max_new_tokens=32, block_size=4, draft_threshold=0.1)
         assert torch.equal(stats.output_ids, reference)
     assert len(model._dflash_lean.compile_seconds) >= 3  # one-token steps, with and without features, blocks
+
+
+def test_compiled_code_is_cached_under_dflash_unless_the_user_chose(monkeypatch, tmp_path):
+    """torch writes its /tmp default into TORCHINDUCTOR_CACHE_DIR the first time it asks, so
+    --compile moves that default under dflash's cache (kept across sessions) and leaves a
+    directory the user set alone."""
+    from torch._inductor.runtime.cache_dir_utils import default_cache_dir
+
+    from dflash.target.loader import cache_dir
+
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
+    apply_cpu_weights(tiny_target("llama"), "fp16", compile=True)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache_dir() / "inductor")
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
+    apply_cpu_weights(tiny_target("llama"), "fp16", compile=True)
+    assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
