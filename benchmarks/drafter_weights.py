@@ -55,15 +55,11 @@ def main() -> None:
     p.add_argument("--data-dir", default=None)
     args = p.parse_args()
     path = args.draft or str(default_drafter_path())
-
-    def load_drafters() -> dict[str, DFlashDraftModel]:
-        drafters = {}
-        for name, pack in (("fp16", pack_fp16_linears), ("int8", pack_int8_linears)):
-            drafters[name] = DFlashDraftModel.from_pretrained(path, device="cpu")
-            pack(drafters[name])
-        return drafters
-
-    model, tokenizer, drafters = compiled_target(4, load_drafters)
+    model, tokenizer = compiled_target()
+    drafters = {}
+    for name, pack in (("fp16", pack_fp16_linears), ("int8", pack_int8_linears)):
+        drafters[name] = DFlashDraftModel.from_pretrained(path, device="cpu")
+        pack(drafters[name])
     interleaved_runs(model, tokenizer, drafters, prompts=args.prompts, new_tokens=args.new_tokens,
                      data_dir=args.data_dir)
 
