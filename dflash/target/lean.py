@@ -26,6 +26,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from dflash.target import native
 from dflash.target.packed import PackedFp16Linear, weight_of
 
 LEAN_MODEL_TYPES = {"llama"}
@@ -80,10 +81,10 @@ class LeanLlama:
 
     def compile(self) -> None:
         """Run the layers as a `torch.compile`d graph: inductor fuses the small operators
-        between the matrix products (which stay fbgemm's, called through `dflash::linear_fp16`)
-        and drops their Python dispatch. Blocks of up to COMPILED_MAX_TOKENS tokens use it (one
-        graph per block length, compiled on first use and cached on disk by inductor); prompts
-        keep the eager forward."""
+        between the matrix products (which stay fbgemm's, called through the native
+        `dflash_native::linear_fp16`, dflash/target/native.py) and drops their Python dispatch.
+        Blocks of up to COMPILED_MAX_TOKENS tokens use it (one graph per block length, compiled on
+        first use and cached on disk by inductor); prompts keep the eager forward."""
         import os
 
         import torch._dynamo
@@ -97,6 +98,11 @@ class LeanLlama:
         current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
         if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
+        native.load()
+        if any(linear.slot is None for layer in self.layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)) \
+                or getattr(self.head, "slot", None) is None:
+            raise RuntimeError("compiling needs the target packed after dflash's native operators loaded "
+                               "(apply_cpu_weights(model, 'fp16', compile=True) does it in that order)")
         limit = torch._dynamo.config.recompile_limit  # one graph per block length and capacity
         torch._dynamo.config.recompile_limit = max(limit, 4 * COMPILED_MAX_TOKENS)
         self.compiled = torch.compile(self._run, dynamic=False, options={"split_reductions": False})
@@ -141,7 +147,7 @@ class LeanLlama:
         """The layers over the embedded tokens `hidden` ([b, n, hidden]), each writing its new
         keys and values into its buffers at `positions`."""
         b, n = hidden.shape[:2]
-        attend = torch.ops.dflash.attend_cached if torch.compiler.is_compiling() else _attend_cached
+        attend = torch.ops.dflash_native.attend_cached if native.loaded() else _attend_cached
         features = {}
         for layer, (keys, values) in zip(self.layers, rooms):
             x = F.rms_norm(hidden, (hidden.shape[-1],), layer.norm_in, layer.eps)
@@ -168,27 +174,14 @@ def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torc
                    positions: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
     """Write the new keys/values ([b, kv_heads, n, d]) into the cache buffers at `positions`
     (consecutive) and attend over everything cached up to the last of them. `mask` ([n,
-    capacity]) for a block after a cache; none for one token, causal for a prompt."""
+    capacity]) for a block after a cache; none for one token, causal for a prompt. (Where the
+    native operators are loaded, their `attend_cached` does this: the same calls in C++.)"""
     past, n = int(positions[0]), k.shape[2]
     keys[:, :, past:past + n] = k
     values[:, :, past:past + n] = v
     return F.scaled_dot_product_attention(
         q, keys[:, :, :past + n], values[:, :, :past + n], attn_mask=None if mask is None else mask[:, :past + n],
         scale=scale, is_causal=mask is None and n > 1, enable_gqa=True)
-
-
-# The attention step as an operator, so compiled graphs call it as one opaque, in-place step
-# (the cache buffers are mutated, not copied).
-_LIB = torch.library.Library("dflash", "FRAGMENT")
-_LIB.define("attend_cached(Tensor q, Tensor k, Tensor v, Tensor(a!) keys, Tensor(b!) values, Tensor positions, "
-            "Tensor? mask, float scale) -> Tensor")
-_LIB.impl("attend_cached", _attend_cached, "CPU")
-
-
-@torch.library.register_fake("dflash::attend_cached", lib=_LIB)
-def _(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-      positions: torch.Tensor, mask: torch.Tensor | None, scale: float) -> torch.Tensor:
-    return torch.empty_like(q)
 
 
 def compile_steps(model: Any, feature_layers: list[int] | None, block_size: int) -> float:

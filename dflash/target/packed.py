@@ -22,29 +22,9 @@ from typing import Any, Callable
 import torch
 
 from dflash.errors import DFlashError
+from dflash.target import native
 
 CPU_WEIGHT_FORMATS = ("float32", "fp16")
-
-# torch.compile cannot trace fbgemm's packed weights (a TorchScript object), so compiled code
-# calls the product through an operator of ours that names the layer by an integer slot. It is
-# declared with torch.library.Library rather than `custom_op`, whose Python wrapper costs ~10 us
-# a call: a forward makes ~120 of them.
-_SLOTS: list[weakref.ref] = []
-_LIB = torch.library.Library("dflash", "FRAGMENT")
-_LIB.define("linear_fp16(Tensor x, int slot) -> Tensor")
-
-
-def _linear_fp16(x: torch.Tensor, slot: int) -> torch.Tensor:
-    return torch.ops.quantized.linear_dynamic_fp16(x, _SLOTS[slot]()._packed)
-
-
-_LIB.impl("linear_fp16", _linear_fp16, "CPU")
-
-
-@torch.library.register_fake("dflash::linear_fp16", lib=_LIB)
-def _(x: torch.Tensor, slot: int) -> torch.Tensor:
-    return x.new_empty((x.shape[0], _SLOTS[slot]().out_features))
-
 
 class PackedFp16Linear(torch.nn.Module):
     """A drop-in `nn.Linear` (inference only) computing `x @ weight.T + bias` with the weight
@@ -63,8 +43,11 @@ class PackedFp16Linear(torch.nn.Module):
             weight.detach().float(), None if bias is None else bias.detach().float())
         self.weight = keep
         self.bias = bias
-        self.slot = len(_SLOTS)
-        _SLOTS.append(weakref.ref(self))
+        # with dflash's native operators loaded, the product runs through them (the only way
+        # compiled steps can call it, and cheaper per call): the weights then hold a slot there
+        self.slot = native.hold(self._packed, self.out_features) if native.loaded() else None
+        if self.slot is not None:
+            weakref.finalize(self, native.release, self.slot)
 
     @classmethod
     def of(cls, linear: torch.nn.Linear, keep_weight: bool = False) -> "PackedFp16Linear":
@@ -72,8 +55,8 @@ class PackedFp16Linear(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
-        if torch.compiler.is_compiling():
-            y = torch.ops.dflash.linear_fp16(x.reshape(-1, self.in_features), self.slot)
+        if self.slot is not None:
+            y = torch.ops.dflash_native.linear_fp16(x.reshape(-1, self.in_features), self.slot)
         else:
             y = torch.ops.quantized.linear_dynamic_fp16(x.reshape(-1, self.in_features), self._packed)
         return y.view(*lead, self.out_features)
@@ -117,6 +100,10 @@ def apply_cpu_weights(model: Any, cpu_weights: str | None, compile: bool = False
         return model
     if cpu_weights != "fp16":
         raise DFlashError(f"unknown CPU weight format {cpu_weights!r}; choose from {', '.join(CPU_WEIGHT_FORMATS)}")
+    if compile:  # compiled steps call the product through the native operators
+        native.load()
+    else:  # cheaper calls where a compiler is at hand; torch's own operator otherwise
+        native.try_load()
     pack_fp16_linears(model)
     from dflash.target.lean import lean_forward_for
 

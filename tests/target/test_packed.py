@@ -196,3 +196,53 @@ def test_compiled_code_is_cached_under_dflash_unless_the_user_chose(monkeypatch,
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
     apply_cpu_weights(tiny_target("llama"), "fp16", compile=True)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
+
+
+def test_native_operators_compute_what_torchs_operator_computes(monkeypatch):
+    """dflash's C++ product (built once with the machine's compiler) runs fbgemm's own kernel on
+    the same packed weights: bit for bit torch's `quantized::linear_dynamic_fp16`, at every
+    block length. Without the library loaded a packed linear keeps torch's operator."""
+    from dflash.target import native
+
+    native.load()
+    torch.manual_seed(0)
+    weight, bias = torch.randn(300, 96), torch.randn(300)
+    fast = PackedFp16Linear(weight, bias)
+    with monkeypatch.context() as patch:
+        patch.setattr(native, "loaded", lambda: False)
+        plain = PackedFp16Linear(weight, bias)
+    assert fast.slot is not None and plain.slot is None
+    for rows in (1, 3, 16):
+        x = torch.randn(2, rows, 96)
+        assert torch.equal(fast(x), plain(x))
+    slot = fast.slot
+    del fast  # its slot's weights are released with it
+    with pytest.raises(RuntimeError, match="was released"):
+        torch.ops.dflash_native.linear_fp16(torch.randn(1, 96), slot)
+
+
+def test_native_attention_writes_the_cache_and_attends_like_the_python_one():
+    from dflash.target import native
+    from dflash.target.lean import _attend_cached
+
+    native.load()
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 6, 3, 8), torch.randn(1, 2, 3, 8), torch.randn(1, 2, 3, 8)
+    positions = torch.arange(5, 8)
+    mask = torch.arange(16) <= positions[:, None]
+    for block_mask in (mask, None):
+        buffers = [torch.randn(1, 2, 16, 8) for _ in range(2)]
+        copies = [b.clone() for b in buffers]
+        ours = torch.ops.dflash_native.attend_cached(q, k, v, *buffers, positions, block_mask, 0.3)
+        reference = _attend_cached(q, k, v, *copies, positions, block_mask, 0.3)
+        assert torch.equal(ours, reference)
+        assert all(torch.equal(a, b) for a, b in zip(buffers, copies))
+
+
+def test_without_a_compiler_the_native_build_says_so(monkeypatch, tmp_path):
+    from dflash.target import native
+
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    with pytest.raises(DFlashError, match="no C.. compiler"):
+        native._build(tmp_path / "dflash_native.so")
+    assert not (tmp_path / "dflash_native.so").exists()
