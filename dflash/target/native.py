@@ -46,7 +46,7 @@ def _build(library: Path) -> None:
         raise DFlashError("no C++ compiler found (set CXX, or install g++): --compile and dflash's "
                           "native fp16 operators need one")
     lib_dirs = library_paths()
-    command = [compiler, "-O2", "-shared", "-fPIC", "-std=c++17",
+    command = [compiler, "-O2", "-shared", "-fPIC", "-std=c++20",
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
                *[f"-I{path}" for path in include_paths()], str(SOURCE), "-o", None,
                *[f"-L{path}" for path in lib_dirs], *[f"-Wl,-rpath,{path}" for path in lib_dirs],
