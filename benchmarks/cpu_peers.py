@@ -126,7 +126,9 @@ def time_engine(model: Any, drafter: Any, prompts: list[torch.Tensor], n: int, b
     return elapsed, outputs, accepted
 
 
-def time_llama_cpp(gguf: Path, prompts: list[torch.Tensor], n: int, threads: int) -> tuple[float, list[list[int]]] | None:
+def llama_cpp_runner(gguf: Path, n: int, threads: int) -> Callable[[torch.Tensor], list[int]] | None:
+    """A function decoding n greedy tokens after a prompt ([1, len] ids) with llama.cpp on the
+    GGUF (warmed up), or None when llama-cpp-python is not installed."""
     try:
         from llama_cpp import Llama
     except ImportError:
@@ -142,7 +144,14 @@ def time_llama_cpp(gguf: Path, prompts: list[torch.Tensor], n: int, threads: int
                 break
         return tokens
 
-    run(prompts[0][:, :16])  # warm-up
+    run(torch.arange(1, 17)[None])  # warm-up
+    return run
+
+
+def time_llama_cpp(gguf: Path, prompts: list[torch.Tensor], n: int, threads: int) -> tuple[float, list[list[int]]] | None:
+    run = llama_cpp_runner(gguf, n, threads)
+    if run is None:
+        return None
     outputs, elapsed = [], 0.0
     for ids in prompts:
         t = time.perf_counter()
