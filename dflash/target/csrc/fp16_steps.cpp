@@ -36,7 +36,11 @@ void release(int64_t slot) {
 }
 
 at::Tensor linear_fp16(const at::Tensor& x, int64_t slot) {
-  const auto& params = held.at(slot);
+  c10::intrusive_ptr<LinearPackedParamsBase> params;
+  {  // (another thread may be packing a model: the table can grow meanwhile)
+    std::lock_guard<std::mutex> guard(held_lock);
+    params = held.at(slot);
+  }
   TORCH_CHECK(params, "dflash_native::linear_fp16: slot ", slot, " was released");
   return params->apply_dynamic(x, /*reduce_range=*/false);
 }
