@@ -76,6 +76,9 @@ class LeanLlama:
         self.head = model.get_output_embeddings()
         self.kv_heads = config.num_key_value_heads
         self.head_dim = self.layers[0].head_dim
+        # the cache write + attention: the native operator where loaded (before packing, so the
+        # linears hold native slots too), else the same calls from Python
+        self.attend = torch.ops.dflash_native.attend_cached if native.loaded() else _attend_cached
         self.compiled = None
         self.compile_seconds: dict[tuple, float] = {}  # per compiled input shape
 
@@ -98,9 +101,8 @@ class LeanLlama:
         current = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
         if current is None or os.path.abspath(current) == os.path.abspath(default_cache_dir()):
             os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(cache_dir() / "inductor")
-        native.load()
-        if any(linear.slot is None for layer in self.layers for linear in (layer.qkv, layer.o, layer.gate_up, layer.down)) \
-                or getattr(self.head, "slot", None) is None:
+        linears = [lin for layer in self.layers for lin in (layer.qkv, layer.o, layer.gate_up, layer.down)]
+        if any(getattr(linear, "slot", None) is None for linear in linears + [self.head]):
             raise RuntimeError("compiling needs the target packed after dflash's native operators loaded "
                                "(apply_cpu_weights(model, 'fp16', compile=True) does it in that order)")
         limit = torch._dynamo.config.recompile_limit  # one graph per block length and capacity
@@ -147,7 +149,6 @@ class LeanLlama:
         """The layers over the embedded tokens `hidden` ([b, n, hidden]), each writing its new
         keys and values into its buffers at `positions`."""
         b, n = hidden.shape[:2]
-        attend = torch.ops.dflash_native.attend_cached if native.loaded() else _attend_cached
         features = {}
         for layer, (keys, values) in zip(self.layers, rooms):
             x = F.rms_norm(hidden, (hidden.shape[-1],), layer.norm_in, layer.eps)
@@ -155,7 +156,7 @@ class LeanLlama:
             qk, v = qkv[:, :, : layer.heads + layer.kv_heads], qkv[:, :, layer.heads + layer.kv_heads:]
             half = layer.head_dim // 2
             qk = (qk * cos + torch.cat((-qk[..., half:], qk[..., :half]), dim=-1) * sin).transpose(1, 2)
-            out = attend(qk[:, : layer.heads], qk[:, layer.heads:], v.transpose(1, 2), keys, values,
+            out = self.attend(qk[:, : layer.heads], qk[:, layer.heads:], v.transpose(1, 2), keys, values,
                          positions, mask, layer.scaling)
             hidden = hidden + layer.o(out.transpose(1, 2).reshape(b, n, layer.heads * layer.head_dim))
             x = F.rms_norm(hidden, (hidden.shape[-1],), layer.norm_post, layer.eps)

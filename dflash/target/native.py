@@ -45,16 +45,16 @@ def _build(library: Path) -> None:
     if compiler is None:
         raise DFlashError("no C++ compiler found (set CXX, or install g++): --compile and dflash's "
                           "native fp16 operators need one")
+    library.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as partial:
+        pass  # built under a temporary name, then renamed
     lib_dirs = library_paths()
     command = [compiler, "-O2", "-shared", "-fPIC", "-std=c++20",
                f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-               *[f"-I{path}" for path in include_paths()], str(SOURCE), "-o", None,
+               *[f"-I{path}" for path in include_paths()], str(SOURCE), "-o", partial.name,
                *[f"-L{path}" for path in lib_dirs], *[f"-Wl,-rpath,{path}" for path in lib_dirs],
                "-ltorch_cpu", "-lc10"]
-    library.parent.mkdir(parents=True, exist_ok=True)
     print(f"dflash: building its native fp16 operators with {compiler} (once, ~10 s) ...", file=sys.stderr, flush=True)
-    with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as partial:
-        command[command.index(None)] = partial.name
     try:
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
