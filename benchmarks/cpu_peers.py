@@ -85,7 +85,8 @@ def median_ms(fn: Callable[[], Any], repeats: int = 11) -> float:
     return statistics.median(times) * 1000
 
 
-def step_costs(model: Any, layer_ids: list[int], prompt: torch.Tensor, blocks: tuple[int, ...]) -> dict[int, float]:
+def step_costs(model: Any, layer_ids: list[int], prompt: torch.Tensor, blocks: tuple[int, ...],
+               repeats: int = 11) -> dict[int, float]:
     """Median ms of one target forward of k tokens after the prompt (with the drafter's features
     `layer_ids`, as DFlash verification asks), for k in `blocks`; the cache is rolled back after each."""
     adapter = TargetAdapter(model, layer_ids)
@@ -100,7 +101,7 @@ def step_costs(model: Any, layer_ids: list[int], prompt: torch.Tensor, blocks: t
             adapter.forward(ids, cache, features=True)
             adapter.rollback(cache, length)
         return run
-    return {k: median_ms(step(k)) for k in blocks}
+    return {k: median_ms(step(k), repeats) for k in blocks}
 
 
 def time_hf(model: Any, prompts: list[torch.Tensor], n: int) -> tuple[float, list[list[int]]]:

@@ -1,0 +1,162 @@
+"""Where a DFlash step's time goes on this CPU, and the least that verifying B tokens can cost.
+
+Part 1 decodes GSM8K prompts with the shipped drafter on the compiled fp16 target and times,
+per step: the target's forward (verification), the drafter's pass, the cache rollback, and the
+rest of the engine's loop. Plain decoding of the same prompts gives the plain step it competes
+with, so `tau * plain step / DFlash step` is the speedup these costs allow.
+
+Part 2 is the arithmetic floor of verification. One token reads every weight once (bandwidth
+bound); B tokens multiply the arithmetic by B, and past a few rows the products are bound by
+the CPU's float32 FMA rate instead. It measures that rate (a 1024^3 float32 product), the
+target's fp16-packed products at 1 and B rows, and the compiled step at 1 and B tokens, then
+prints the floor of the B-token step: the 1-token step with its products swapped for B rows'
+arithmetic at the measured peak.
+
+    python benchmarks/step_costs.py --prompts 3 --new-tokens 256 --verify-rows 8
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from typing import Any, Callable
+
+import torch
+
+from cpu_peers import median_ms, step_costs
+from dflash import (DFlashDraftModel, TargetAdapter, chat_input_ids, default_drafter_path, generate,
+                    load_target)
+from dflash.cli.common import announce_and_compile
+from dflash.datasets import eval_prompts
+from dflash.target.packed import PackedFp16Linear, apply_cpu_weights
+
+
+class Timers:
+    """Wall time of each call of chosen methods; wraps them until `restore`."""
+
+    def __init__(self, methods: dict[str, tuple[type, str]]) -> None:
+        self.calls: dict[str, list[float]] = {name: [] for name in methods}
+        self._originals = []
+        for name, (owner, attr) in methods.items():
+            original = getattr(owner, attr)
+            self._originals.append((owner, attr, original))
+            setattr(owner, attr, self._timed(name, original))
+
+    def _timed(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.calls[name].append(time.perf_counter() - start)
+        return wrapper
+
+    def restore(self) -> None:
+        for owner, attr, original in self._originals:
+            setattr(owner, attr, original)
+
+
+def step_gflop(model: torch.nn.Module, tokens: int) -> float:
+    """Arithmetic of the target's matrix products (the LM head included) for `tokens` tokens."""
+    return sum(2 * tokens * m.in_features * m.out_features
+               for m in model.modules() if isinstance(m, PackedFp16Linear)) / 1e9
+
+
+def products_in_step_ms(model: Any, layer_ids: list[int], prompt: torch.Tensor, tokens: int,
+                        repeats: int = 20) -> tuple[float, float]:
+    """ms of a compiled step of `tokens` tokens, and of its fp16 products, from one profiled loop
+    (torch.profiler; both sides carry its overhead, and machine noise hits both alike)."""
+    adapter = TargetAdapter(model, layer_ids)
+    cache = adapter.new_cache()
+    adapter.forward(prompt, cache, logits_to_keep=1)
+    length = cache.get_seq_length()
+    ids = torch.full((1, tokens), 28, dtype=torch.long)
+    adapter.forward(ids, cache, features=True)
+    adapter.rollback(cache, length)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        for _ in range(repeats):
+            adapter.forward(ids, cache, features=True)
+            adapter.rollback(cache, length)
+        wall = (time.perf_counter() - start) * 1000 / repeats
+    micros = sum(e.cpu_time_total for e in prof.key_averages() if "linear_fp16" in e.key)
+    return wall, micros / 1000 / repeats
+
+
+def fp32_peak_gflops(size: int = 1024) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    return 2 * size ** 3 / median_ms(lambda: a @ b, repeats=21) * 1e3 / 1e9
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--prompts", type=int, default=3, help="first N GSM8K test prompts (default 3)")
+    parser.add_argument("--new-tokens", type=int, default=256, help="new tokens per prompt (default 256)")
+    parser.add_argument("--block-size", type=int, default=4, help="DFlash block size (default 4)")
+    parser.add_argument("--draft-threshold", type=float, default=0.1, help="as `dflash generate` (default 0.1)")
+    parser.add_argument("--verify-rows", type=int, default=8, help="B of the floor in part 2 (default 8)")
+    parser.add_argument("--data-dir", default=None, help="datasets folder (default: $DFLASH_DATA_DIR)")
+    args = parser.parse_args()
+
+    model, tokenizer = load_target(device="cpu", cpu_weights="fp16", compile=True)
+    drafter = apply_cpu_weights(DFlashDraftModel.from_pretrained(str(default_drafter_path()), device="cpu"), "fp16")
+    announce_and_compile(model, drafter, max(args.block_size, args.verify_rows))
+    questions = [turns[0] for turns in eval_prompts("gsm8k", args.data_dir, limit=args.prompts)]
+    prompts = [torch.tensor([chat_input_ids(tokenizer, q)]) for q in questions]
+    decode = dict(max_new_tokens=args.new_tokens, block_size=args.block_size, draft_threshold=args.draft_threshold)
+    generate(model, drafter, prompts[0], **{**decode, "max_new_tokens": 16})  # warm-up
+
+    plain_s = plain_steps = 0
+    for ids in prompts:
+        stats = generate(model, None, ids, max_new_tokens=args.new_tokens, block_size=1)
+        plain_s += stats.decode_time
+        plain_steps += len(stats.acceptance_lengths)
+    timers = Timers({"target forward (verification)": (TargetAdapter, "forward"),
+                     "draft pass": (DFlashDraftModel, "propose"),
+                     "cache rollback": (TargetAdapter, "rollback")})
+    decode_s = steps = tokens = verified = 0
+    seconds = dict.fromkeys(timers.calls, 0.0)
+    try:
+        for ids in prompts:
+            stats = generate(model, drafter, ids, **decode)
+            decode_s += stats.decode_time
+            steps += len(stats.acceptance_lengths)
+            tokens += sum(stats.acceptance_lengths)
+            verified += sum(stats.draft_lengths) + len(stats.draft_lengths)
+            for name, calls in timers.calls.items():  # a generation's first forward is its prefill
+                seconds[name] += sum(calls[1:] if name.startswith("target") else calls)
+                calls.clear()
+    finally:
+        timers.restore()
+    per_step = {name: s * 1000 / steps for name, s in seconds.items()}
+    step_ms, plain_ms, tau = decode_s * 1000 / steps, plain_s * 1000 / plain_steps, tokens / steps
+    print(f"\n{len(prompts)} GSM8K prompts x {args.new_tokens} tokens, block {args.block_size}, threshold "
+          f"{args.draft_threshold}: {steps} DFlash steps, tau {tau:.2f}, {verified / steps:.2f} tokens verified a step")
+    print("| part of a DFlash step | ms | share |\n|---|---|---|")
+    for name, ms in per_step.items():
+        print(f"| {name} | {ms:.2f} | {ms / step_ms:.0%} |")
+    rest = step_ms - sum(per_step.values())
+    print(f"| the rest of the loop | {rest:.2f} | {rest / step_ms:.0%} |\n| **DFlash step** | **{step_ms:.2f}** | |")
+    print(f"plain step {plain_ms:.2f} ms: a DFlash step costs {step_ms / plain_ms:.2f}x one; at tau {tau:.2f} "
+          f"that allows {tau * plain_ms / step_ms:.2f}x")
+
+    rows = args.verify_rows
+    peak = fp32_peak_gflops()
+    costs = step_costs(model, drafter.target_layer_ids, prompts[0], (1, rows), repeats=41)
+    print(f"\nfloat32 peak (1024^3 product): {peak:.0f} GFLOP/s")
+    print("| compiled step | ms | profiled: ms | of it in fp16 products | their GFLOP | GFLOP/s |\n"
+          "|---|---|---|---|---|---|")
+    profiled = {}
+    for tokens in (1, rows):
+        profiled[tokens] = wall, products = products_in_step_ms(model, drafter.target_layer_ids, prompts[0], tokens)
+        gflop = step_gflop(model, tokens)
+        print(f"| {tokens} token{'s' if tokens > 1 else ''} | {costs[tokens]:.2f} | {wall:.2f} | {products:.2f} | "
+              f"{gflop:.2f} | {gflop / products * 1000:.0f} |")
+    (wall_1, _), (wall_b, products_b) = profiled[1], profiled[rows]
+    floor = wall_b - products_b + step_gflop(model, rows) / peak * 1000
+    print(f"{rows} tokens cost {costs[rows] / costs[1]:.2f}x one ({wall_b / wall_1:.2f}x profiled); with their products "
+          f"at the float32 peak, {floor:.2f} ms: {floor / wall_1:.2f}x one (profiled)")
+
+
+if __name__ == "__main__":
+    main()
