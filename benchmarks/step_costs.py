@@ -2,8 +2,9 @@
 
 Part 1 decodes GSM8K prompts with the shipped drafter on the compiled fp16 target and times,
 per step: the target's forward (verification), the drafter's pass, the cache rollback, and the
-rest of the engine's loop. Plain decoding of the same prompts gives the plain step it competes
-with, so `tau * plain step / DFlash step` is the speedup these costs allow.
+rest of the engine's loop. Plain decoding of the same prompts, alternating with DFlash prompt by
+prompt, gives the plain step it competes with, so `tau * plain step / DFlash step` is the
+speedup these costs allow.
 
 Part 2 is the arithmetic floor of verification. One token reads every weight once (bandwidth
 bound); B tokens multiply the arithmetic by B, and past a few rows the products are bound by
@@ -18,6 +19,7 @@ arithmetic at the measured peak.
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 from typing import Any, Callable
 
@@ -63,7 +65,7 @@ def step_gflop(model: torch.nn.Module, tokens: int) -> float:
 
 
 def products_in_step_ms(model: Any, layer_ids: list[int], prompt: torch.Tensor, tokens: int,
-                        repeats: int = 20) -> tuple[float, float]:
+                        repeats: int = 4) -> tuple[float, float]:
     """ms of a compiled step of `tokens` tokens, and of its fp16 products, from one profiled loop
     (torch.profiler; both sides carry its overhead, and machine noise hits both alike)."""
     adapter = TargetAdapter(model, layer_ids)
@@ -106,18 +108,19 @@ def main() -> None:
     decode = dict(max_new_tokens=args.new_tokens, block_size=args.block_size, draft_threshold=args.draft_threshold)
     generate(model, drafter, prompts[0], **{**decode, "max_new_tokens": 16})  # warm-up
 
-    plain_s = plain_steps = 0
-    for ids in prompts:
-        stats = generate(model, None, ids, max_new_tokens=args.new_tokens, block_size=1)
-        plain_s += stats.decode_time
-        plain_steps += len(stats.acceptance_lengths)
+    # plain decoding and DFlash alternate prompt by prompt, so machine noise hits both alike
     timers = Timers({"target forward (verification)": (TargetAdapter, "forward"),
                      "draft pass": (DFlashDraftModel, "propose"),
                      "cache rollback": (TargetAdapter, "rollback")})
-    decode_s = steps = tokens = verified = 0
+    plain_s = plain_steps = decode_s = steps = tokens = verified = 0
     seconds = dict.fromkeys(timers.calls, 0.0)
     try:
         for ids in prompts:
+            stats = generate(model, None, ids, max_new_tokens=args.new_tokens, block_size=1)
+            plain_s += stats.decode_time
+            plain_steps += len(stats.acceptance_lengths)
+            for calls in timers.calls.values():
+                calls.clear()
             stats = generate(model, drafter, ids, **decode)
             decode_s += stats.decode_time
             steps += len(stats.acceptance_lengths)
@@ -146,9 +149,13 @@ def main() -> None:
     print(f"\nfloat32 peak (1024^3 product): {peak:.0f} GFLOP/s")
     print("| compiled step | ms | profiled: ms | of it in fp16 products | their GFLOP | GFLOP/s |\n"
           "|---|---|---|---|---|---|")
+    rounds: dict[int, list[tuple[float, float]]] = {1: [], rows: []}
+    for _ in range(7):  # alternating 1 and B tokens, so machine noise hits both alike
+        for tokens in rounds:
+            rounds[tokens].append(products_in_step_ms(model, drafter.target_layer_ids, prompts[0], tokens))
     profiled = {}
-    for tokens in (1, rows):
-        profiled[tokens] = wall, products = products_in_step_ms(model, drafter.target_layer_ids, prompts[0], tokens)
+    for tokens, pairs in rounds.items():
+        profiled[tokens] = wall, products = tuple(statistics.median(x) for x in zip(*pairs))
         gflop = step_gflop(model, tokens)
         print(f"| {tokens} token{'s' if tokens > 1 else ''} | {costs[tokens]:.2f} | {wall:.2f} | {products:.2f} | "
               f"{gflop:.2f} | {gflop / products * 1000:.0f} |")
