@@ -7,7 +7,7 @@ import pytest
 
 from dflash.cli.main import main
 from dflash.errors import DFlashError
-from dflash.train.data import append_rows, done_ids, find_pool, select
+from dflash.train.data import append_rows, done_ids, find_pool, regenerate, select
 from dflash.datasets import read_jsonl
 from dflash.train.dataset import is_held_out, tokenize_conversation
 
@@ -81,3 +81,21 @@ def test_data_command_appends_and_resumes(tmp_path, tiny_target_dir, capsys):
     assert first["finish"] in ("stop", "length") and 1 <= first["new_tokens"] <= 12
     assert main(["data", "nope", "--out", str(out)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+def test_data_command_on_fp16_cpu_weights(tmp_path, tiny_target_dir):
+    """`--cpu-weights fp16` (the faster way to regenerate on a CPU: ~1.8x at batch 16) answers
+    with the fp16-packed target: the same rows as loading that target and regenerating directly."""
+    from dflash.target.loader import load_target
+
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"turns": [f"Count to {i}"], "source": "t"}) + "\n" for i in range(4)))
+    out = tmp_path / "fp16.jsonl"
+    assert main(["data", str(pool), "--target", str(tiny_target_dir), "--out", str(out), "--max-new-tokens", "8",
+                 "--batch-size", "4", "--no-progress", "--device", "cpu", "--cpu-weights", "fp16"]) == 0
+    model, tokenizer = load_target(str(tiny_target_dir), device="cpu", cpu_weights="fp16")
+    direct = tmp_path / "direct.jsonl"
+    regenerate(list(enumerate(find_pool(str(pool), None))), model, tokenizer, direct, batch_size=4,
+               max_new_tokens=8, progress=False)
+    assert [r["id"] for r in read_jsonl(out)] == [0, 1, 2, 3]
+    assert list(read_jsonl(out)) == list(read_jsonl(direct))
