@@ -1,9 +1,11 @@
 """Which drafter decodes fastest on this CPU? One run, the same prompts, every drafter and plain
 decoding interleaved prompt by prompt (machine noise hits all alike), on the compiled fp16
 target: tokens/s, the ratio to plain decoding, tau and the identity of each output with plain
-decoding. Use it to choose among trained drafters (depth, block size, checkpoints).
+decoding. Use it to choose among trained drafters (depth, block size, checkpoints), and the
+draft threshold (several thresholds: every drafter runs at each).
 
     python benchmarks/compare_drafters.py --draft runs/a/drafter runs/b/drafter --prompts 20 --skip 100
+    python benchmarks/compare_drafters.py --draft-threshold 0 0.05 0.1 0.2 --prompts 20 --skip 100
 
 `--skip` starts past the prompts a final report uses (GSM8K's first 100), so choosing a drafter
 here does not tune it to the report's prompts.
@@ -27,22 +29,26 @@ from dflash.target.packed import pack_fp16_linears
 
 def interleaved_runs(model: Any, tokenizer: Any, drafters: dict[str, Any], *, dataset: str = "gsm8k",
                      prompts: int = 10, skip: int = 0, new_tokens: int = 256, block_size: int = 4,
-                     threshold: float = 0.1, data_dir: str | None = None) -> None:
-    """Decode each prompt with plain decoding, then with every drafter; print one table row each.
-    A compiled target compiles its step shapes first, outside the timings."""
+                     threshold: float | list[float] = 0.1, data_dir: str | None = None) -> None:
+    """Decode each prompt with plain decoding, then with every drafter at every threshold; print
+    one table row each. A compiled target compiles its step shapes first, outside the timings."""
+    thresholds = [threshold] if isinstance(threshold, (int, float)) else list(threshold)
     announce_and_compile(model, next(iter(drafters.values())), block_size)
     stops = stop_token_ids(tokenizer, model)
     rows = eval_prompts(dataset, data_dir, skip + prompts)[skip:]
     inputs = [torch.tensor([chat_input_ids(tokenizer, turns[0])]) for turns in rows]
-    runs = {"(plain decoding)": None, **drafters}  # plain first: the reference
+    runs = {"(plain decoding)": (None, 0.0)}  # plain first: the reference
+    for path, drafter in drafters.items():
+        for p in thresholds:
+            runs[path if len(thresholds) == 1 else f"{path}, threshold {p:g}"] = (drafter, p)
     totals = {name: [0, 0.0, 0, 0] for name in runs}  # tokens, seconds, steps, identical
     for ids in inputs:
         reference = None
-        for name, drafter in runs.items():
+        for name, (drafter, p) in runs.items():
             start = time.perf_counter()
             stats = generate(model, drafter, ids, max_new_tokens=new_tokens,
                              block_size=block_size if drafter is not None else 1, stop_token_ids=stops,
-                             draft_threshold=threshold if drafter is not None else 0.0)
+                             draft_threshold=p)
             seconds = time.perf_counter() - start
             reference = stats.output_ids if reference is None else reference
             t = totals[name]
@@ -52,7 +58,7 @@ def interleaved_runs(model: Any, tokenizer: Any, drafters: dict[str, Any], *, da
             t[3] += int(torch.equal(stats.output_ids, reference))
     plain_rate = totals["(plain decoding)"][0] / totals["(plain decoding)"][1]
     print(f"{len(inputs)} {dataset} prompts (from #{skip}) x up to {new_tokens} tokens, block {block_size}, "
-          f"threshold {threshold:g}, fp16 compiled target")
+          f"threshold {', '.join(f'{p:g}' for p in thresholds)}, fp16 compiled target")
     print("| drafter | tok/s | vs plain | tau | identical to plain |")
     print("|---|---|---|---|---|")
     for name, (n, s, steps, same) in totals.items():
@@ -76,7 +82,8 @@ def main() -> None:
     p.add_argument("--skip", type=int, default=0, help="start at this prompt of the set")
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--block-size", type=int, default=4)
-    p.add_argument("--draft-threshold", type=float, default=0.1)
+    p.add_argument("--draft-threshold", type=float, nargs="+", default=[0.1],
+                   help="one or more thresholds; each drafter runs at each (default 0.1)")
     p.add_argument("--data-dir", default=None)
     args = p.parse_args()
     model, tokenizer = compiled_target()
