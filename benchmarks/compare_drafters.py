@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -29,26 +29,25 @@ from dflash.target.packed import pack_fp16_linears
 
 def interleaved_runs(model: Any, tokenizer: Any, drafters: dict[str, Any], *, dataset: str = "gsm8k",
                      prompts: int = 10, skip: int = 0, new_tokens: int = 256, block_size: int = 4,
-                     threshold: float | list[float] = 0.1, data_dir: str | None = None) -> None:
+                     thresholds: Sequence[float] = (0.1,), data_dir: str | None = None) -> None:
     """Decode each prompt with plain decoding, then with every drafter at every threshold; print
     one table row each. A compiled target compiles its step shapes first, outside the timings."""
-    thresholds = [threshold] if isinstance(threshold, (int, float)) else list(threshold)
     announce_and_compile(model, next(iter(drafters.values())), block_size)
     stops = stop_token_ids(tokenizer, model)
     rows = eval_prompts(dataset, data_dir, skip + prompts)[skip:]
     inputs = [torch.tensor([chat_input_ids(tokenizer, turns[0])]) for turns in rows]
     runs = {"(plain decoding)": (None, 0.0)}  # plain first: the reference
     for path, drafter in drafters.items():
-        for p in thresholds:
-            runs[path if len(thresholds) == 1 else f"{path}, threshold {p:g}"] = (drafter, p)
+        for threshold in thresholds:
+            runs[path if len(thresholds) == 1 else f"{path}, threshold {threshold:g}"] = (drafter, threshold)
     totals = {name: [0, 0.0, 0, 0] for name in runs}  # tokens, seconds, steps, identical
     for ids in inputs:
         reference = None
-        for name, (drafter, p) in runs.items():
+        for name, (drafter, threshold) in runs.items():
             start = time.perf_counter()
             stats = generate(model, drafter, ids, max_new_tokens=new_tokens,
                              block_size=block_size if drafter is not None else 1, stop_token_ids=stops,
-                             draft_threshold=p)
+                             draft_threshold=threshold)
             seconds = time.perf_counter() - start
             reference = stats.output_ids if reference is None else reference
             t = totals[name]
@@ -58,7 +57,7 @@ def interleaved_runs(model: Any, tokenizer: Any, drafters: dict[str, Any], *, da
             t[3] += int(torch.equal(stats.output_ids, reference))
     plain_rate = totals["(plain decoding)"][0] / totals["(plain decoding)"][1]
     print(f"{len(inputs)} {dataset} prompts (from #{skip}) x up to {new_tokens} tokens, block {block_size}, "
-          f"threshold {', '.join(f'{p:g}' for p in thresholds)}, fp16 compiled target")
+          f"threshold {', '.join(f'{t:g}' for t in thresholds)}, fp16 compiled target")
     print("| drafter | tok/s | vs plain | tau | identical to plain |")
     print("|---|---|---|---|---|")
     for name, (n, s, steps, same) in totals.items():
@@ -92,7 +91,7 @@ def main() -> None:
         drafters[path] = DFlashDraftModel.from_pretrained(path, device="cpu")
         pack_fp16_linears(drafters[path])
     interleaved_runs(model, tokenizer, drafters, dataset=args.dataset, prompts=args.prompts, skip=args.skip,
-                     new_tokens=args.new_tokens, block_size=args.block_size, threshold=args.draft_threshold,
+                     new_tokens=args.new_tokens, block_size=args.block_size, thresholds=args.draft_threshold,
                      data_dir=args.data_dir)
 
 

@@ -85,10 +85,9 @@ def median_ms(fn: Callable[[], Any], repeats: int = 11) -> float:
     return statistics.median(times) * 1000
 
 
-def step_costs(model: Any, layer_ids: list[int], prompt: torch.Tensor, blocks: tuple[int, ...],
-               repeats: int = 11) -> dict[int, float]:
-    """Median ms of one target forward of k tokens after the prompt (with the drafter's features
-    `layer_ids`, as DFlash verification asks), for k in `blocks`; the cache is rolled back after each."""
+def step_runner(model: Any, layer_ids: list[int], prompt: torch.Tensor) -> Callable[[int], Callable[[], None]]:
+    """After prefilling `prompt`: for k, a function running one target forward of k tokens (with
+    the drafter's features `layer_ids`, as DFlash verification asks) and rolling the cache back."""
     adapter = TargetAdapter(model, layer_ids)
     cache = adapter.new_cache()
     adapter.forward(prompt, cache, logits_to_keep=1)
@@ -101,6 +100,13 @@ def step_costs(model: Any, layer_ids: list[int], prompt: torch.Tensor, blocks: t
             adapter.forward(ids, cache, features=True)
             adapter.rollback(cache, length)
         return run
+    return step
+
+
+def step_costs(model: Any, layer_ids: list[int], prompt: torch.Tensor, blocks: tuple[int, ...],
+               repeats: int = 11) -> dict[int, float]:
+    """Median ms of one target forward of k tokens after the prompt, for k in `blocks`."""
+    step = step_runner(model, layer_ids, prompt)
     return {k: median_ms(step(k), repeats) for k in blocks}
 
 

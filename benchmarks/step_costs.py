@@ -8,10 +8,10 @@ speedup these costs allow.
 
 Part 2 is the arithmetic floor of verification. One token reads every weight once (bandwidth
 bound); B tokens multiply the arithmetic by B, and past a few rows the products are bound by
-the CPU's float32 FMA rate instead. It measures that rate (a 1024^3 float32 product), the
-target's fp16-packed products at 1 and B rows, and the compiled step at 1 and B tokens, then
-prints the floor of the B-token step: the 1-token step with its products swapped for B rows'
-arithmetic at the measured peak.
+the CPU's float32 FMA rate instead. It measures that rate (a 1024^3 float32 product) and the
+compiled step at 1 and B tokens, with the time its fp16 products take (torch.profiler), then
+prints the floor of the B-token step: that step with its products replaced by their arithmetic
+at the measured peak.
 
     python benchmarks/step_costs.py --prompts 3 --new-tokens 256 --verify-rows 8
 """
@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from cpu_peers import median_ms, step_costs
+from cpu_peers import median_ms, step_costs, step_runner
 from dflash import (DFlashDraftModel, TargetAdapter, chat_input_ids, default_drafter_path, generate,
                     load_target)
 from dflash.cli.common import announce_and_compile
@@ -68,18 +68,12 @@ def products_in_step_ms(model: Any, layer_ids: list[int], prompt: torch.Tensor, 
                         repeats: int = 4) -> tuple[float, float]:
     """ms of a compiled step of `tokens` tokens, and of its fp16 products, from one profiled loop
     (torch.profiler; both sides carry its overhead, and machine noise hits both alike)."""
-    adapter = TargetAdapter(model, layer_ids)
-    cache = adapter.new_cache()
-    adapter.forward(prompt, cache, logits_to_keep=1)
-    length = cache.get_seq_length()
-    ids = torch.full((1, tokens), 28, dtype=torch.long)
-    adapter.forward(ids, cache, features=True)
-    adapter.rollback(cache, length)
+    step = step_runner(model, layer_ids, prompt)(tokens)
+    step()  # warm-up
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         start = time.perf_counter()
         for _ in range(repeats):
-            adapter.forward(ids, cache, features=True)
-            adapter.rollback(cache, length)
+            step()
         wall = (time.perf_counter() - start) * 1000 / repeats
     micros = sum(e.cpu_time_total for e in prof.key_averages() if "linear_fp16" in e.key)
     return wall, micros / 1000 / repeats

@@ -26,8 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "or a Hugging Face Hub dataset id")
     p.add_argument("--out", required=True, help="output file (.jsonl.gz or .jsonl); appended to")
     p.add_argument("--data-dir", default=None, help="datasets folder (default: $DFLASH_DATA_DIR)")
-    # --target, --device, --dtype, --cpu-weights (fp16 answers ~1.8x faster on a 2-core CPU: 16
-    # GSM8K answers of up to 128 tokens in 10.2 s against 18.8 s, the same text)
+    # --target, --device, --dtype, --cpu-weights (fp16 answers ~1.8x faster on a 2-core CPU)
     add_model_arguments(p, draft=False, compile=False)
     p.add_argument("--max-new-tokens", type=int, default=512, help="reply length cap per turn (default 512)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -9,6 +9,7 @@ from dflash.cli.main import main
 from dflash.errors import DFlashError
 from dflash.train.data import append_rows, done_ids, find_pool, regenerate, select
 from dflash.datasets import read_jsonl
+from dflash.target.loader import load_target
 from dflash.train.dataset import is_held_out, tokenize_conversation
 
 
@@ -86,8 +87,6 @@ def test_data_command_appends_and_resumes(tmp_path, tiny_target_dir, capsys):
 def test_data_command_on_fp16_cpu_weights(tmp_path, tiny_target_dir):
     """`--cpu-weights fp16` (the faster way to regenerate on a CPU: ~1.8x at batch 16) answers
     with the fp16-packed target: the same rows as loading that target and regenerating directly."""
-    from dflash.target.loader import load_target
-
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps({"turns": [f"Count to {i}"], "source": "t"}) + "\n" for i in range(4)))
     out = tmp_path / "fp16.jsonl"
