@@ -104,7 +104,7 @@ def main() -> None:
 
     # plain decoding and DFlash alternate prompt by prompt, so machine noise hits both alike
     timers = Timers({"target forward (verification)": (TargetAdapter, "forward"),
-                     "draft pass": (DFlashDraftModel, "propose"),
+                     "draft pass": (DFlashDraftModel, "draft"),
                      "cache rollback": (TargetAdapter, "rollback")})
     plain_s = plain_steps = decode_s = steps = tokens = verified = 0
     seconds = dict.fromkeys(timers.calls, 0.0)

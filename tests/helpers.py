@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 
 from dflash import DFlashDraftModel
+from dflash.model.drafter import Drafts
 
 # the shared datasets: $DFLASH_DATA_DIR, else ../shared/datasets beside the checkout
 DATA_DIR = Path(os.environ.get("DFLASH_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
@@ -48,7 +49,7 @@ class OracleDrafter(DFlashDraftModel):
         self.wrong_every, self.wrong_at, self.calls = wrong_every, wrong_at, 0
 
     @torch.no_grad()
-    def propose(self, target, block_ids, context_features, cache):
+    def draft(self, target, block_ids, context_features, cache, positions=None, attn_mask=None):
         start = cache.length + context_features.shape[1]
         cache.length = start  # consume the context as the real drafter does
         size = block_ids.shape[1]
@@ -58,7 +59,7 @@ class OracleDrafter(DFlashDraftModel):
             want[self.wrong_at] = (want[self.wrong_at] + 1) % self.config.vocab_size
         logits = torch.full((1, size - 1, self.config.vocab_size), -1e4, device=block_ids.device)
         logits[0, torch.arange(size - 1), torch.tensor(want)] = 0.0
-        return logits
+        return Drafts(logits, None, self.config.vocab_size)
 
 
 class RowOracle(DFlashDraftModel):
@@ -73,8 +74,8 @@ class RowOracle(DFlashDraftModel):
         oracle.refs, oracle.wrong, oracle.engine = refs, wrong, None
         return oracle.eval()
 
-    def propose(self, target_adapter, block_ids, context_features, cache, positions=None, attn_mask=None):
-        logits = super().propose(target_adapter, block_ids, context_features, cache, positions, attn_mask)
+    def draft(self, target_adapter, block_ids, context_features, cache, positions=None, attn_mask=None):
+        logits = super().draft(target_adapter, block_ids, context_features, cache, positions, attn_mask).full_logits()
         for b, start in enumerate(positions[1][:, 0].tolist()):
             rid = self.engine.rows[b].request.rid
             ref = self.refs[rid][0]
@@ -84,7 +85,7 @@ class RowOracle(DFlashDraftModel):
                     tok = (tok + 1) % target_adapter.vocab_size
                 logits[b, k - 1] = -1e4
                 logits[b, k - 1, tok] = 1e4
-        return logits
+        return Drafts(logits, None, target_adapter.vocab_size)
 
 
 def oracle_for(drafter: DFlashDraftModel, reference: torch.Tensor, **kw) -> OracleDrafter:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Hashable, Sequence
+from typing import TYPE_CHECKING, Any, Hashable, Sequence
 
 import torch
 
@@ -23,6 +23,9 @@ from dflash.decode.engine import GenerationStats
 from dflash.decode.sampling import SamplingParams, greedy_accept, logits_to_probs, rejection_accept, sample
 from dflash.errors import DFlashError
 from dflash.target.adapter import TargetAdapter
+
+if TYPE_CHECKING:
+    from dflash.model.drafter import Drafts
 
 
 @dataclass
@@ -132,13 +135,15 @@ class BatchEngine:
         starts = torch.tensor([row.length for row in self.rows], device=self.device)
         q = None
         if self.drafting and size > 1:
-            draft_logits = self._draft(block, starts)                            # [b, B-1, V]
+            drafts = self._draft(block, starts)                                  # logits [b, B-1, K]
             q = [None] * b
+            greedy = [row.request.sampling.greedy for row in self.rows]
+            if any(greedy):
+                block[:, 1:] = drafts.tokens()                 # (sampled rows are overwritten below)
+            full = None if all(greedy) else drafts.full_logits()                 # [b, B-1, V]
             for i, row in enumerate(self.rows):
-                if row.request.sampling.greedy:
-                    block[i, 1:] = draft_logits[i].argmax(-1)
-                else:
-                    q[i] = logits_to_probs(draft_logits[i], row.request.sampling)
+                if not greedy[i]:
+                    q[i] = logits_to_probs(full[i], row.request.sampling)
                     block[i, 1:] = sample(q[i], row.request.generator)
         mask = torch.cat([self.owned, torch.ones(b, size, dtype=torch.bool, device=self.device)], dim=1)
         positions = starts[:, None] + torch.arange(size, device=self.device)
@@ -205,7 +210,7 @@ class BatchEngine:
 
     # --- drafting --------------------------------------------------------------------------------
 
-    def _draft(self, block: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
+    def _draft(self, block: torch.Tensor, starts: torch.Tensor) -> Drafts:
         """One draft pass for every row: new context features (ragged, right-padded) go into the
         draft cache; each row's queries see only the slots it owns."""
         b = len(self.rows)
@@ -223,10 +228,10 @@ class BatchEngine:
         block_pos = starts[:, None] + torch.arange(block.shape[1], device=self.device)
         keys = torch.cat([self.draft_owned, new_owned,
                           torch.ones(b, block.shape[1], dtype=torch.bool, device=self.device)], dim=1)
-        logits = self.drafter.propose(self.adapter, block, context, self.draft_cache, positions=(ctx_pos, block_pos),
-                                      attn_mask=keys[:, None, None, :])
+        drafts = self.drafter.draft(self.adapter, block, context, self.draft_cache, positions=(ctx_pos, block_pos),
+                                    attn_mask=keys[:, None, None, :])
         self.draft_owned = torch.cat([self.draft_owned, new_owned], dim=1)
-        return logits
+        return drafts
 
     # --- joining, leaving, compaction ---------------------------------------------------------------
 

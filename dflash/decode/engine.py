@@ -88,7 +88,7 @@ def stream(
     """Yield the new tokens of each step. `stats` (if given) is filled in as it goes.
 
     `target` is a Hugging Face causal LM or a TargetAdapter; `drafter` a DFlashDraftModel (or
-    anything with its `propose`/`new_cache`/`config`), or None for block size 1.
+    anything with its `draft`/`new_cache`/`config`), or None for block size 1.
     `draft_threshold` > 0 verifies only the drafts the drafter is that sure of, multiplied up
     (`confident_prefix`): shorter blocks when it guesses, same output.
     """
@@ -147,15 +147,15 @@ def stream(
             block[0, 0] = anchor
             q = None
             if size > 1:
-                draft_logits = drafter.propose(adapter, block, context, draft_cache)[0]  # [size-1, V]
+                drafts = drafter.draft(adapter, block, context, draft_cache)  # logits [1, size-1, K]
                 if sampling.greedy:
-                    block[0, 1:] = draft_logits.argmax(-1)
+                    block[0, 1:] = drafts.tokens()[0]
                 else:
-                    q = logits_to_probs(draft_logits, sampling)
+                    q = logits_to_probs(drafts.full_logits()[0], sampling)
                     block[0, 1:] = sample(q, generator)
                 context = None
                 if draft_threshold > 0:  # top probabilities; greedy needs no full softmax for them
-                    top = q.amax(-1) if q is not None else (draft_logits.amax(-1) - draft_logits.logsumexp(-1)).exp()
+                    top = q.amax(-1) if q is not None else drafts.top_probs()[0]
                     size = 1 + confident_prefix(top, draft_threshold)
                     block = block[:, :size]
                     q = q[: size - 1] if q is not None else None

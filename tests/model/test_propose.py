@@ -48,3 +48,21 @@ def test_short_blocks_of_a_ragged_batch_match_full_ones():
     full, short = results
     assert short.shape == (b, 2, adapter.vocab_size)
     assert torch.allclose(short, full[:, :2], atol=1e-5)
+
+
+def test_drafts_over_a_draft_vocabulary_agree_with_the_whole_vocabulary_row():
+    """Greedy decoding reads `Drafts.tokens` / `top_probs` from the K draft-vocabulary columns;
+    they must be what the full-vocabulary row (what sampling uses) says."""
+    adapter, drafter = _models()
+    drafter.draft_vocab = torch.tensor([3, 40, 7, 120, 55, 9, 100, 1])  # any order, a subset
+    features = torch.randn(1, 5, 2 * adapter.hidden_size)
+    block = torch.tensor([[7] + [drafter.mask_token_id] * 7])
+    drafts = drafter.draft(adapter, block, features, drafter.new_cache())
+    full = drafts.full_logits()                                                       # [1, 7, V]
+    assert drafts.logits.shape == (1, 7, 8) and full.shape == (1, 7, adapter.vocab_size)
+    outside = torch.ones(adapter.vocab_size, dtype=torch.bool)
+    outside[drafter.draft_vocab] = False
+    assert torch.isneginf(full[..., outside]).all()
+    assert torch.equal(drafts.tokens(), full.argmax(-1))
+    assert set(drafts.tokens().flatten().tolist()) <= set(drafter.draft_vocab.tolist())
+    assert torch.allclose(drafts.top_probs(), full.softmax(-1).amax(-1), atol=1e-6)
