@@ -49,6 +49,25 @@ def load_conversations(patterns: list[str]) -> list[dict[str, Any]]:
     return rows
 
 
+def split_rows(rows: list[dict[str, Any]], fraction: float,
+               repeats: list[tuple[str, str]] | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(training rows, held-out rows). `repeats` [(FILE_OR_GLOB, N)] lists the training rows of
+    those files N times each, to weight data up. Each copy is the same row, so a held-out row
+    never reaches training through a copy (a copy of the file under another name would hash
+    differently) and cached features serve every copy."""
+    times: dict[str, int] = {}
+    for pattern, n in repeats or []:
+        if not str(n).isdigit() or int(n) < 1:
+            raise DFlashError(f"--repeat {pattern} {n}: N must be a whole number of at least 1")
+        matched = {p.name for p in expand_paths([pattern])}
+        unknown = matched - {row["file"] for row in rows}
+        if unknown:
+            raise DFlashError(f"--repeat {pattern}: {', '.join(sorted(unknown))} is not among the --data files")
+        times.update(dict.fromkeys(matched, int(n)))
+    train = [r for r in rows if not is_held_out(r, fraction) for _ in range(times.get(r["file"], 1))]
+    return train, [r for r in rows if is_held_out(r, fraction)]
+
+
 def is_held_out(row: dict[str, Any], fraction: float) -> bool:
     """Deterministic split by a hash of (file, source, id): the same rows are held out in every run."""
     if fraction <= 0:

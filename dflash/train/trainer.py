@@ -56,7 +56,7 @@ import torch.distributed as dist
 from dflash.errors import DFlashError
 from dflash.train.blocks import (IGNORE, BlockStats, block_attention_mask, block_loss, build_blocks,
                                  default_gamma, loss_weights, sample_anchors)
-from dflash.train.dataset import ConversationDataset, epoch_order, is_held_out, load_conversations
+from dflash.train.dataset import ConversationDataset, epoch_order, load_conversations, split_rows
 
 STATE_FILE = "training_state.pt"
 FIT_PROBE_STEPS = 20  # --fit-minutes measures the step rate over these steps (after 2 warm-up steps)
@@ -70,6 +70,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("data")
     g.add_argument("--data", nargs="+", required=True, metavar="FILE_OR_GLOB",
                    help="conversation files from `dflash data` (.jsonl or .jsonl.gz; globs allowed)")
+    g.add_argument("--repeat", nargs=2, action="append", metavar=("FILE_OR_GLOB", "N"),
+                   help="visit the training conversations of these --data files N times an epoch, to weight "
+                        "in-domain data up (repeatable). Held-out rows stay held out; cached features serve "
+                        "every visit")
     g.add_argument("--in-order", action="store_true",
                    help="visit the files in the order given (each shuffled) instead of one global shuffle: "
                         "puts the data you care most about first")
@@ -350,9 +354,8 @@ class Trainer:
         self.weights = loss_weights(self.block_size, a.gamma or default_gamma(self.block_size))
         self.loss_vocab: torch.Tensor | None = None  # token ids the training loss ranges over
 
-        rows = load_conversations(a.data)
-        train_rows = [r for r in rows if not is_held_out(r, a.eval_fraction)]
-        eval_rows = [r for r in rows if is_held_out(r, a.eval_fraction)][: a.eval_max_seqs]
+        train_rows, eval_rows = split_rows(load_conversations(a.data), a.eval_fraction, a.repeat)
+        eval_rows = eval_rows[: a.eval_max_seqs]
         if not train_rows:
             raise DFlashError("no training conversations left after holding out the evaluation share")
         self.train_set = ConversationDataset(train_rows, self.tokenizer, a.max_len)

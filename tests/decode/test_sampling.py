@@ -8,6 +8,7 @@ from helpers import tiny_target
 import dflash.decode.engine as engine
 from dflash import DFlashDraftModel, SamplingParams, generate
 from dflash.decode.sampling import confident_prefix, greedy_accept, logits_to_probs, rejection_accept, sample
+from dflash.model.drafter import Drafts
 
 V = 8
 
@@ -88,9 +89,9 @@ def sample_joint(model, drafter, prompt, params, runs: int, seed: int, draft_thr
 class UniformDrafter(DFlashDraftModel):
     """Proposes every token with probability 1/V: q is far from p, yet often hits its mode."""
 
-    def propose(self, target, block_ids, context_features, cache):
+    def draft(self, target, block_ids, context_features, cache):
         cache.length += context_features.shape[1]
-        return torch.zeros(1, block_ids.shape[1] - 1, self.config.vocab_size)
+        return Drafts(torch.zeros(1, block_ids.shape[1] - 1, self.config.vocab_size), None, self.config.vocab_size)
 
 
 class MoodyDrafter(DFlashDraftModel):
@@ -99,7 +100,7 @@ class MoodyDrafter(DFlashDraftModel):
 
     calls = 0
 
-    def propose(self, target, block_ids, context_features, cache):
+    def draft(self, target, block_ids, context_features, cache):
         cache.length += context_features.shape[1]
         MoodyDrafter.calls += 1
         logits = torch.zeros(1, block_ids.shape[1] - 1, self.config.vocab_size)
@@ -107,7 +108,7 @@ class MoodyDrafter(DFlashDraftModel):
         for i in range(logits.shape[1]):
             if sure[i % 2]:
                 logits[0, i, 2] = 4.15  # e^4.15 / (e^4.15 + 7) ~ 0.9
-        return logits
+        return Drafts(logits, None, self.config.vocab_size)
 
 
 def test_confident_prefix_multiplies_top_probabilities():

@@ -10,7 +10,7 @@ from dflash.errors import DFlashError
 from dflash.train.data import append_rows, done_ids, find_pool, regenerate, select
 from dflash.datasets import read_jsonl
 from dflash.target.loader import load_target
-from dflash.train.dataset import is_held_out, tokenize_conversation
+from dflash.train.dataset import is_held_out, load_conversations, split_rows, tokenize_conversation
 
 
 def test_loss_mask_covers_replies_and_their_end_of_turn(tokenizer):
@@ -34,6 +34,26 @@ def test_held_out_split_is_deterministic():
     assert held == [is_held_out(r, 0.01) for r in rows]
     assert 25 < sum(held) < 80
     assert not any(is_held_out(r, 0.0) for r in rows)
+
+
+def test_repeat_weights_a_file_up_without_leaking_held_out_rows(tmp_path):
+    for name, n in (("even.jsonl", 3000), ("odd.jsonl", 2000)):
+        (tmp_path / name).write_text("".join(json.dumps({"id": i, "source": "s", "messages": []}) + "\n"
+                                             for i in range(n)))
+    rows = load_conversations([str(tmp_path / "*.jsonl")])
+    plain_train, plain_held = split_rows(rows, 0.01)
+    train, held = split_rows(rows, 0.01, [(str(tmp_path / "odd.jsonl"), "3")])
+    assert held == plain_held and len(held) > 0
+    odd = [r for r in plain_train if r["file"] == "odd.jsonl"]
+    assert len(train) == len(plain_train) + 2 * len(odd)
+    assert all(r not in held for r in train)  # every copy of a held-out row is held out too
+    assert [r["id"] for r in train if r["file"] == "odd.jsonl"][:6] == [odd[0]["id"]] * 3 + [odd[1]["id"]] * 3
+    for bad in ((str(tmp_path / "odd.jsonl"), "0"), (str(tmp_path / "odd.jsonl"), "two")):
+        with pytest.raises(DFlashError, match="whole number"):
+            split_rows(rows, 0.01, [bad])
+    (tmp_path / "other.jsonl").write_text("")
+    with pytest.raises(DFlashError, match="not among the --data files"):
+        split_rows(rows, 0.01, [(str(tmp_path / "other.jsonl"), "2")])
 
 
 def test_append_resume_and_cut_tail(tmp_path):
