@@ -12,16 +12,21 @@ Launch commands:
         --in-order --out runs/smollm2 --num-layers 1 --target-layers 1 14 27 --block-size 16 --max-len 768 \
         --anchors-per-seq 32 --max-steps 2400 --loss-vocab 8192 --max-minutes 140 --resume
 
-    # continue the shipped drafter with a fresh schedule (keeps its draft vocabulary)
+    # continue the shipped drafter with a fresh schedule (keeps its draft vocabulary and block size)
     dflash train --data ../shared/datasets/regen/pools-even.jsonl.gz --init-from dflash/drafters/smollm2-135m-instruct \
-        --block-size 16 --anchors-per-seq 64 --max-steps 1000 --lr 3e-4 --loss-vocab 8192 \
+        --anchors-per-seq 128 --max-steps 1000 --lr 2e-4 --loss-vocab 8192 \
         --feature-cache runs/feature-cache --out runs/next --max-minutes 150 --resume
 
-    # continue it on one GPU for a fixed time: the warm-up and cosine are sized to 8 minutes
-    # (the shipped drafter's last chunk, on an H200; float32 target features as CPU decoding sees)
-    dflash train --data '../shared/datasets/regen/*.jsonl.gz' --init-from dflash/drafters/smollm2-135m-instruct \
-        --block-size 16 --anchors-per-seq 64 --batch-size 16 --grad-accum 1 --lr 6e-4 --warmup 0.05 \
-        --loss-vocab 8192 --target-dtype float32 --fit-minutes 8 --max-minutes 8.4 --out runs/gpu
+    # continue it on one GPU for a fixed time: the warm-up and cosine are sized to 8 minutes; the
+    # in-domain file counts twice (float32 target features, as CPU decoding sees)
+    R=../shared/datasets/regen
+    dflash train --data "$R/*.jsonl.gz" --repeat $R/pools-even.jsonl.gz 2 \
+        --init-from dflash/drafters/smollm2-135m-instruct --anchors-per-seq 128 --batch-size 16 --grad-accum 1 \
+        --lr 3e-4 --warmup 0.05 --loss-vocab 8192 --target-dtype float32 --fit-minutes 8 --max-minutes 8.4 --out runs/gpu
+
+    # evaluate a drafter on conversations no drafter has trained on (all of them held out)
+    dflash train --data runs/regen/new.jsonl.gz --eval-only --eval-fraction 1 \
+        --init-from dflash/drafters/smollm2-135m-instruct --anchors-per-seq 128
 
     # two CPU processes (gloo)
     torchrun --standalone --nproc_per_node 2 -m dflash.train.trainer --data DATA.jsonl.gz --out runs/x
@@ -95,13 +100,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--intermediate-size", type=int, default=None, help="draft MLP width (default: the target's)")
     g.add_argument("--target-layers", type=int, nargs="+", default=None, metavar="ID",
                    help="0-based target layers read (default: spread evenly, see dflash.config)")
-    g.add_argument("--block-size", type=int, default=16, help="tokens per training block (default 16)")
+    g.add_argument("--block-size", type=int, default=None,
+                   help="tokens per training block (default: the --init-from drafter's, else 16)")
     g.add_argument("--mask-token-id", type=int, default=None,
                    help="mask token (default: 16 <empty_output> for SmolLM2, else the last vocabulary id)")
     g.add_argument("--init-from", default=None, metavar="DRAFTER",
                    help="start from this drafter's weights (a folder or Hub id; its layers, target layers and "
-                        "mask token are kept, --block-size applies): continue a released or earlier drafter. "
-                        "A --num-layers above its depth appends layers that start as identities")
+                        "mask token are kept, and its block size unless --block-size is given): continue a "
+                        "released or earlier drafter. A --num-layers above its depth appends layers that start "
+                        "as identities")
 
     g = p.add_argument_group("optimisation")
     g.add_argument("--anchors-per-seq", type=int, default=32, help="random blocks per conversation (default 32)")
@@ -129,7 +136,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's)")
 
     g = p.add_argument_group("checkpoints and logging")
-    g.add_argument("--out", required=True, help="run folder: training state, drafters, metrics.jsonl")
+    g.add_argument("--out", default=None, help="run folder: training state, drafters, metrics.jsonl (required "
+                                                "unless --eval-only)")
     g.add_argument("--resume", nargs="?", const="auto", default=None, metavar="PATH",
                    help="continue from a training state (default with no PATH: OUT/training_state.pt if present)")
     g.add_argument("--save-minutes", type=float, default=10.0, help="save the training state this often (default 10)")
@@ -144,6 +152,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--release-dir", default=None, metavar="DIR",
                    help="copy the best drafter (released bf16 format) here after each evaluation that improves")
     g.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
+    g.add_argument("--eval-only", action="store_true",
+                   help="train nothing: evaluate the --init-from drafter (or the --resume state) on the held-out "
+                        "conversations and print the figures as JSON. With --eval-fraction 1 every conversation "
+                        "of --data is held out: data no drafter has trained on, e.g. newly regenerated rows")
 
 
 def check_arguments(a: argparse.Namespace) -> None:
@@ -152,10 +164,14 @@ def check_arguments(a: argparse.Namespace) -> None:
     for name in positive:
         if getattr(a, name) < 1:
             raise DFlashError(f"--{name.replace('_', '-')} must be at least 1")
-    if a.block_size < 2:
+    if a.block_size is not None and a.block_size < 2:
         raise DFlashError("--block-size must be at least 2 (an anchor and one draft token)")
-    if not 0 <= a.eval_fraction < 1:
-        raise DFlashError("--eval-fraction must be in [0, 1)")
+    if a.out is None and not a.eval_only:
+        raise DFlashError("--out is required (the run folder), except with --eval-only")
+    if a.eval_only and not (a.init_from or a.resume):
+        raise DFlashError("--eval-only evaluates an existing drafter: give --init-from DRAFTER or --resume PATH")
+    if not (0 <= a.eval_fraction <= 1 if a.eval_only else 0 <= a.eval_fraction < 1):
+        raise DFlashError("--eval-fraction must be in [0, 1) (up to 1 with --eval-only)")
     if a.lr <= 0 or not 0 <= a.warmup < 1 or a.clip <= 0:
         raise DFlashError("--lr and --clip must be positive and --warmup in [0, 1)")
     if a.max_steps is not None and a.max_steps < 1:
@@ -319,7 +335,7 @@ class Trainer:
         self.d, self.device = init_distributed(a.device)
         if a.threads:
             torch.set_num_threads(a.threads)
-        self.out = Path(a.out)
+        self.out = Path(a.out) if a.out else None
         state = self._find_state()
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # float32 target features: TF32 is ample
@@ -332,7 +348,7 @@ class Trainer:
             drafter = DFlashDraftModel(DFlashConfig.from_dict(state["config"]))
         elif a.init_from:
             drafter = DFlashDraftModel.from_pretrained(a.init_from, dtype="float32", device="cpu")
-            drafter.config.block_size = a.block_size
+            drafter.config.block_size = a.block_size or drafter.config.block_size
             if a.num_layers > drafter.config.num_hidden_layers:  # deepen: new layers start as identities
                 drafter.add_layers(a.num_layers - drafter.config.num_hidden_layers)
         else:
@@ -342,7 +358,7 @@ class Trainer:
                 mask_id = SMOLLM2_MASK_TOKEN
             try:
                 drafter = DFlashDraftModel.from_target(
-                    self.model, num_layers=a.num_layers, block_size=a.block_size, mask_token_id=mask_id,
+                    self.model, num_layers=a.num_layers, block_size=a.block_size or 16, mask_token_id=mask_id,
                     target_layer_ids=a.target_layers, intermediate_size=a.intermediate_size)
             except ValueError as exc:
                 raise DFlashError(str(exc)) from None
@@ -356,8 +372,10 @@ class Trainer:
 
         train_rows, eval_rows = split_rows(load_conversations(a.data), a.eval_fraction, a.repeat)
         eval_rows = eval_rows[: a.eval_max_seqs]
-        if not train_rows:
+        if not train_rows and not a.eval_only:
             raise DFlashError("no training conversations left after holding out the evaluation share")
+        if not eval_rows and a.eval_only:
+            raise DFlashError("no held-out conversations to evaluate: raise --eval-fraction (1 holds out all)")
         self.train_set = ConversationDataset(train_rows, self.tokenizer, a.max_len)
         self.eval_set = ConversationDataset(eval_rows, self.tokenizer, a.max_len)
         files = [r["file"] for r in train_rows]
@@ -378,12 +396,13 @@ class Trainer:
         self._order: list[int] | None = None
         if state is not None:
             self._load_state(state)
-        elif a.loss_vocab and drafter.draft_vocab is not None:  # --init-from: keep the vocabulary it drafts from
+        elif (a.loss_vocab or a.eval_only) and drafter.draft_vocab is not None:
+            # --init-from: keep the vocabulary it drafts from (evaluation: the one it proposes from)
             self.loss_vocab = drafter.draft_vocab.cpu()
             if self.d.main:
                 print(f"dflash train: the loss ranges over the {len(self.loss_vocab)} draft-vocabulary tokens of "
                       f"{a.init_from} plus each batch's labels", flush=True)
-        elif a.loss_vocab:
+        elif a.loss_vocab and not a.eval_only:  # (evaluation: over the vocabulary the drafter proposes from)
             self.loss_vocab, covered = frequent_tokens(self.train_set, a.loss_vocab, self.adapter.vocab_size, a.seed)
             if self.d.main:
                 print(f"dflash train: the loss ranges over the {len(self.loss_vocab)} most frequent reply tokens "
@@ -395,7 +414,7 @@ class Trainer:
     # --- state ------------------------------------------------------------------------------
 
     def _find_state(self) -> dict[str, Any] | None:
-        if self.args.resume is None:
+        if self.args.resume is None or (self.args.resume == "auto" and self.out is None):
             return None
         path = self.out / STATE_FILE if self.args.resume == "auto" else Path(self.args.resume)
         if path.is_dir():
@@ -650,6 +669,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run (or continue) a training run; returns the last evaluation."""
     trainer = Trainer(args)
     try:
+        if args.eval_only:
+            result = trainer.evaluate()
+            if trainer.d.main:
+                print(json.dumps({"drafter": args.init_from or args.resume, "held_out": len(trainer.eval_set),
+                                  **result}), flush=True)
+            return result
         return trainer.run()
     finally:
         if trainer.d.world > 1:

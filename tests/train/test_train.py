@@ -260,3 +260,29 @@ def test_init_from_with_more_layers_starts_from_the_same_drafts(tiny_target_dir,
     deeper.save()
     saved = DFlashDraftModel.from_pretrained(str(tmp_path / "b" / "drafter"), dtype="float32", device="cpu")
     assert saved.config.num_hidden_layers == 2
+
+
+def test_eval_only_reports_a_drafter_on_held_out_rows(tiny_target_dir, regen_file, tmp_path, capsys):
+    """--eval-only evaluates an existing drafter and trains nothing; --eval-fraction 1 holds out
+    every row (data no drafter has seen), and the drafter's own block size applies by default."""
+    import json
+
+    run = tiny_args(tiny_target_dir, regen_file, tmp_path / "run", "--max-steps", "2")
+    T.train(run)
+    drafter = tmp_path / "run" / "drafter"
+    argv = ["--data", str(regen_file), "--target", str(tiny_target_dir), "--device", "cpu", "--max-len", "96",
+            "--anchors-per-seq", "6", "--init-from", str(drafter), "--eval-only", "--eval-fraction", "1",
+            "--eval-max-seqs", "5", "--no-progress"]
+    capsys.readouterr()
+    assert T.main(argv) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["held_out"] == 5 and report["step"] == 0
+    assert len(report["eval_acc_per_position"]) == 3  # block 4, the drafter's own
+    assert 1.0 <= report["eval_tau"] <= 4.0 and report["eval_loss"] > 0
+    assert not (tmp_path / "other").exists()
+    assert T.main(argv[:-3]) == 0  # the default 64 rows: all 40 here
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["held_out"] == 40
+    assert T.main(["--data", str(regen_file), "--eval-only"]) == 2  # no drafter to evaluate
+    assert "--init-from" in capsys.readouterr().err
+    assert T.main(["--data", str(regen_file), "--target", str(tiny_target_dir)]) == 2  # training needs --out
+    assert "--out is required" in capsys.readouterr().err
