@@ -55,17 +55,18 @@ def split_rows(rows: list[dict[str, Any]], fraction: float,
     those files N times each, to weight data up. Each copy is the same row, so a held-out row
     never reaches training through a copy (a copy of the file under another name would hash
     differently) and cached features serve every copy."""
+    files = {row["file"] for row in rows}
     times: dict[str, int] = {}
     for pattern, n in repeats or []:
         if not str(n).isdigit() or int(n) < 1:
             raise DFlashError(f"--repeat {pattern} {n}: N must be a whole number of at least 1")
         matched = {p.name for p in expand_paths([pattern])}
-        unknown = matched - {row["file"] for row in rows}
-        if unknown:
-            raise DFlashError(f"--repeat {pattern}: {', '.join(sorted(unknown))} is not among the --data files")
+        if matched - files:
+            raise DFlashError(f"--repeat {pattern}: {', '.join(sorted(matched - files))} is not among the --data files")
         times.update(dict.fromkeys(matched, int(n)))
-    train = [r for r in rows if not is_held_out(r, fraction) for _ in range(times.get(r["file"], 1))]
-    return train, [r for r in rows if is_held_out(r, fraction)]
+    held = [is_held_out(r, fraction) for r in rows]
+    train = [r for r, h in zip(rows, held) if not h for _ in range(times.get(r["file"], 1))]
+    return train, [r for r, h in zip(rows, held) if h]
 
 
 def is_held_out(row: dict[str, Any], fraction: float) -> bool:

@@ -168,8 +168,6 @@ def check_arguments(a: argparse.Namespace) -> None:
         raise DFlashError("--block-size must be at least 2 (an anchor and one draft token)")
     if a.out is None and not a.eval_only:
         raise DFlashError("--out is required (the run folder), except with --eval-only")
-    if a.eval_only and not (a.init_from or a.resume):
-        raise DFlashError("--eval-only evaluates an existing drafter: give --init-from DRAFTER or --resume PATH")
     if not (0 <= a.eval_fraction <= 1 if a.eval_only else 0 <= a.eval_fraction < 1):
         raise DFlashError("--eval-fraction must be in [0, 1) (up to 1 with --eval-only)")
     if a.lr <= 0 or not 0 <= a.warmup < 1 or a.clip <= 0:
@@ -337,6 +335,8 @@ class Trainer:
             torch.set_num_threads(a.threads)
         self.out = Path(a.out) if a.out else None
         state = self._find_state()
+        if a.eval_only and state is None and not a.init_from:  # (not a fresh, random drafter)
+            raise DFlashError("--eval-only evaluates an existing drafter: give --init-from DRAFTER or --resume PATH")
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # float32 target features: TF32 is ample
         self.model, self.tokenizer = load_target(a.target, dtype=a.target_dtype, device=self.device)
@@ -402,7 +402,7 @@ class Trainer:
             if self.d.main:
                 print(f"dflash train: the loss ranges over the {len(self.loss_vocab)} draft-vocabulary tokens of "
                       f"{a.init_from} plus each batch's labels", flush=True)
-        elif a.loss_vocab and not a.eval_only:  # (evaluation: over the vocabulary the drafter proposes from)
+        elif a.loss_vocab and not a.eval_only:
             self.loss_vocab, covered = frequent_tokens(self.train_set, a.loss_vocab, self.adapter.vocab_size, a.seed)
             if self.d.main:
                 print(f"dflash train: the loss ranges over the {len(self.loss_vocab)} most frequent reply tokens "
