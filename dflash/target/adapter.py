@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from dflash.errors import IncompatibleDrafterError, UnsupportedTargetError
+from dflash.target.lean import LeanCache
 from dflash.target.packed import rows_of
 from dflash.target.rollback import CacheRollback
 
@@ -113,8 +114,13 @@ class TargetAdapter:
 
     def new_cache(self, batched: bool = False) -> Any:
         """An empty cache that `rollback` can cut back (or, `batched`, one whose rows keep
-        rejected drafts as masked holes), or a refusal naming the model type."""
-        return self._rollback.new_cache(batched)
+        rejected drafts as masked holes), or a refusal naming the model type. A target with a
+        lean forward (fp16 on CPU) gets that forward's own cache for a single sequence."""
+        rollback = self._rollback  # (refuses a target whose cache it cannot roll back)
+        lean = getattr(self.model, "_dflash_lean", None)
+        if lean is not None and not batched:
+            return lean.new_cache()
+        return rollback.new_cache(batched)
 
     @torch.no_grad()
     def forward(self, ids: torch.Tensor, cache: Any, logits_to_keep: int = 0, features: bool = True,
@@ -124,8 +130,10 @@ class TargetAdapter:
         batch passes `attention_mask` ([batch, cached + n], 0 for slots a row does not own) and
         its own `position_ids`."""
         rollback = self._rollback
-        lean = getattr(self.model, "_dflash_lean", None)  # the fp16 CPU target's own forward
-        if lean is not None and attention_mask is None and position_ids is None:
+        lean = getattr(self.model, "_dflash_lean", None)  # the fp16 CPU target's own forward, on its own cache
+        if lean is not None and isinstance(cache, LeanCache):
+            if attention_mask is not None or position_ids is not None:
+                raise ValueError("a single-sequence cache takes no attention_mask or position_ids")
             logits, kept = lean(ids, cache, logits_to_keep, self.layer_ids if features else ())
             return TargetOutput(logits=logits, features=torch.cat(kept, dim=-1) if features else None)
         if attention_mask is not None and rollback.windowed:

@@ -9,8 +9,11 @@ SmolLM2-135M drops from ~62 ms to ~24 ms (docs/performance.md).
 What changes: the weights are rounded to float16 once (the target is a slightly different
 model from the float32 one; speculative decoding is exact against plain decoding of this same
 model). What stays exact: each output row depends on its own input row only (no per-batch
-activation scales, unlike int8 dynamic quantization), so verifying a block gives the same
-numbers as running its tokens one by one, which is what keeps speculation lossless.
+activation scales, unlike int8 dynamic quantization), so verifying a block gives the numbers of
+running its tokens one by one, which is what keeps speculation lossless. Bit for bit on
+AVX-512 CPUs; on AVX2 ones fbgemm picks its kernel by the row count, and a row's numbers move by
+an ulp or two (~5e-7, as with MKL's float32 products there): outputs stay identical except
+where two logits tie that closely.
 """
 
 from __future__ import annotations

@@ -12,14 +12,20 @@ from dflash.target.packed import PackedFp16Linear, apply_cpu_weights, pack_fp16_
 
 
 def test_packed_rows_do_not_depend_on_their_batch():
-    """What keeps verification exact: a row's output is the same alone or among others."""
+    """What keeps verification exact: a row's output is the same alone or among others. fbgemm's
+    AVX-512 kernels give that bit for bit; its AVX2 ones block rows by six with other kernels for
+    the remainder, so there a row moves by an ulp or two with the row count (as MKL's float32
+    products and SDPA do): identical outputs then hold except at near-ties (docs/performance.md)."""
     torch.manual_seed(0)
     layer = torch.nn.Linear(96, 200, bias=True)
     packed = PackedFp16Linear.of(layer)
     x = torch.randn(16, 96)
     together = packed(x)
-    for i in range(16):
-        assert torch.equal(packed(x[i:i + 1]), together[i:i + 1])
+    alone = torch.cat([packed(x[i:i + 1]) for i in range(16)])
+    if torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        assert torch.equal(alone, together)
+    else:
+        torch.testing.assert_close(alone, together, rtol=1e-6, atol=2e-6)
     rounded = torch.nn.functional.linear(x, layer.weight.half().float(), layer.bias)
     torch.testing.assert_close(together, rounded, rtol=1e-4, atol=1e-4)  # fp16 weights, fp32 math
     assert not torch.allclose(together, layer(x), rtol=0, atol=1e-7)      # and not the fp32 model
@@ -69,7 +75,7 @@ def test_lean_forward_computes_what_the_packed_model_computes():
     model = apply_cpu_weights(tiny_target("llama", tie_word_embeddings=True), "fp16")
     adapter = TargetAdapter(model, [0, 2, 3])
     ids = torch.randint(1, 128, (1, 20), generator=torch.Generator().manual_seed(0))
-    lean_cache, hf_cache = adapter.new_cache(), adapter.new_cache()
+    lean_cache, hf_cache = adapter.new_cache(), adapter.new_cache(batched=True)  # (the latter: a transformers cache)
     for part in (ids[:, :12], ids[:, 12:]):
         lean = adapter.forward(part, lean_cache)
         hf = model(input_ids=part, past_key_values=hf_cache, use_cache=True, output_hidden_states=True)
@@ -77,7 +83,7 @@ def test_lean_forward_computes_what_the_packed_model_computes():
         hf_features = torch.cat([hf.hidden_states[i + 1] for i in (0, 2, 3)], dim=-1)
         torch.testing.assert_close(lean.features, hf_features, rtol=1e-4, atol=1e-4)
     assert lean_cache.get_seq_length() == hf_cache.get_seq_length() == 20
-    torch.testing.assert_close(lean_cache.layers[3].keys, hf_cache.layers[3].keys, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(lean_cache.keys(3), hf_cache.layers[3].keys, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -144,7 +150,7 @@ def test_compiled_steps_compute_what_the_eager_lean_forward_computes():
         torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(b.features, a.features, rtol=1e-4, atol=1e-4)
     assert compiled_cache.get_seq_length() == 26
-    torch.testing.assert_close(compiled_cache.layers[2].values, eager_cache.layers[2].values, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(compiled_cache.values(2), eager_cache.values(2), rtol=1e-4, atol=1e-4)
     with pytest.raises(DFlashError, match="--cpu-weights fp16"):
         apply_cpu_weights(tiny_target("llama"), "float32", compile=True)
     with pytest.raises(DFlashError, match="Llama-architecture"):
