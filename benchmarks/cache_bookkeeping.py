@@ -41,9 +41,10 @@ def main() -> None:
 
     def before(n: int = 4, keep: int = 2) -> None:
         past = old.get_seq_length()
-        [old.layers[layer.index].room_for(n, like, like, 2048) for layer in lean.layers]
+        for layer in lean.layers:
+            old.layers[layer.index].room_for(n, like, like, 2048)
         cos, sin = lean.rotary(lean.norm, torch.arange(past, past + n)[None])
-        cos.unsqueeze(2), sin.unsqueeze(2)
+        cos, sin = cos.unsqueeze(2), sin.unsqueeze(2)  # (as the lean forward used them)
         for layer in lean.layers:
             old.layers[layer.index].filled(past + n)
         rollback.rollback(old, past + keep)

@@ -37,6 +37,11 @@ EAGER_CAPACITY_STEP = 256
 ROPE_TABLE_STEP = 2048
 
 
+def _grown(needed: int, step: int) -> int:
+    """A new buffer's size: twice what is needed, rounded up to a multiple of `step`."""
+    return -(-2 * needed // step) * step
+
+
 def _fused(*linears: torch.nn.Module) -> PackedFp16Linear:
     """One packed GEMM computing the (bias-free) linears' outputs side by side."""
     return PackedFp16Linear(torch.cat([weight_of(lin) for lin in linears]))
@@ -123,7 +128,7 @@ class LeanLlama:
         computed once by the model's own rotary module (per position, the same numbers as
         calling it on those positions: ~0.3 ms a step saved)."""
         if self._rope_table is None or past + n > self._rope_table[0].shape[1]:
-            positions = torch.arange(-(-2 * (past + n) // ROPE_TABLE_STEP) * ROPE_TABLE_STEP, device=self.norm.device)
+            positions = torch.arange(_grown(past + n, ROPE_TABLE_STEP), device=self.norm.device)
             cos, sin = self.rotary(self.norm, positions[None])  # (the first argument only gives the dtype)
             self._rope_table = (cos.unsqueeze(2), sin.unsqueeze(2))
         cos, sin = self._rope_table
@@ -134,8 +139,6 @@ class LeanLlama:
                  feature_layers: list[int] | tuple[int, ...] = ()) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """(logits of the last `logits_to_keep` positions or all, hidden states after each
         layer in `feature_layers`) for `ids` ([b, n]) following what `cache` holds."""
-        if not isinstance(cache, LeanCache):
-            raise TypeError("the lean forward runs on its own cache (LeanLlama.new_cache())")
         b, n = ids.shape
         past = cache.length
         compiled = self.compiled is not None and n <= COMPILED_MAX_TOKENS and past > 0  # steps, not prompts
@@ -217,11 +220,11 @@ class LeanCache:
     def room_for(self, batch: int, new: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """The buffers, with room for `new` positions after the cached ones (grown to a multiple of
         `step`, the cached positions copied over, when they have not)."""
-        if self.rooms and self.length and batch != self.rooms[0][0].shape[0]:
-            raise ValueError(f"this cache holds {self.rooms[0][0].shape[0]} rows; got {batch}")
-        if not self.rooms or self.length + new > self.capacity or batch != self.rooms[0][0].shape[0]:
-            capacity = -(-2 * (self.length + new) // self.step) * self.step
-            shape = (batch, self.kv_heads, capacity, self.head_dim)
+        rows = self.rooms[0][0].shape[0] if self.rooms else batch
+        if rows != batch and self.length:
+            raise ValueError(f"this cache holds {rows} rows; got {batch}")
+        if rows != batch or self.length + new > self.capacity:
+            shape = (batch, self.kv_heads, _grown(self.length + new, self.step), self.head_dim)
             rooms = [(torch.empty(shape, dtype=self.dtype, device=self.device),
                       torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
             for (keys, values), (old_keys, old_values) in zip(rooms, self.rooms if self.length else []):
