@@ -25,7 +25,7 @@ import torch
 from dflash import DFlashDraftModel, TargetAdapter, chat_input_ids, default_drafter_path, generate, load_target
 from dflash.bench.report import acceptance_summary
 from dflash.datasets import eval_prompts
-from dflash.target.loader import stop_token_ids
+from dflash.runtime.loader import stop_token_ids
 from dflash.train.blocks import BlockStats, valid_anchors
 from dflash.train.features import TargetFeatures
 from dflash.train.trainer import block_hidden, make_batch

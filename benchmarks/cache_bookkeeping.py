@@ -19,7 +19,7 @@ import time
 import torch
 
 from dflash import TargetAdapter, load_target
-from dflash.target.rollback import CacheRollback
+from dflash.runtime.rollback import CacheRollback
 
 
 def main() -> None:

@@ -23,8 +23,8 @@ from dflash import DFlashDraftModel, default_drafter_path, load_target
 from dflash.cli.common import announce_and_compile
 from dflash.datasets import eval_prompts
 from dflash.decode.engine import generate
-from dflash.target.loader import chat_input_ids, stop_token_ids
-from dflash.target.packed import pack_fp16_linears
+from dflash.runtime.loader import chat_input_ids, stop_token_ids
+from dflash.runtime.packed import pack_fp16_linears
 
 
 def interleaved_runs(model: Any, tokenizer: Any, drafters: dict[str, Any], *, dataset: str = "gsm8k",

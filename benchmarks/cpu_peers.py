@@ -29,9 +29,9 @@ import torch
 from dflash import (DFlashDraftModel, TargetAdapter, chat_input_ids, default_drafter_path, generate,
                     load_target)
 from dflash.datasets import eval_prompts
-from dflash.target.loader import embedded_gguf_path
-from dflash.target.lean import compile_steps
-from dflash.target.packed import PackedFp16Linear, apply_cpu_weights
+from dflash.runtime.loader import embedded_gguf_path
+from dflash.runtime.lean import compile_steps
+from dflash.runtime.packed import PackedFp16Linear, apply_cpu_weights
 
 
 def cpu_description() -> str:

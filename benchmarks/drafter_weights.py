@@ -20,7 +20,7 @@ import torch
 from compare_drafters import compiled_target, interleaved_runs
 
 from dflash import DFlashDraftModel, default_drafter_path
-from dflash.target.packed import pack_fp16_linears
+from dflash.runtime.packed import pack_fp16_linears
 
 
 class Int8Linear(torch.nn.Module):

@@ -30,7 +30,7 @@ from dflash import (DFlashDraftModel, TargetAdapter, chat_input_ids, default_dra
                     load_target)
 from dflash.cli.common import announce_and_compile
 from dflash.datasets import eval_prompts
-from dflash.target.packed import PackedFp16Linear, apply_cpu_weights
+from dflash.runtime.packed import PackedFp16Linear, apply_cpu_weights
 
 
 class Timers:

@@ -25,8 +25,8 @@ from cpu_peers import cpu_description, llama_cpp_runner
 from dflash import DFlashDraftModel, chat_input_ids, default_drafter_path, generate, load_target
 from dflash.cli.common import announce_and_compile
 from dflash.datasets import eval_prompts
-from dflash.target.loader import embedded_gguf_path
-from dflash.target.packed import apply_cpu_weights
+from dflash.runtime.loader import embedded_gguf_path
+from dflash.runtime.packed import apply_cpu_weights
 
 
 def main() -> None:

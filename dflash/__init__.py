@@ -4,8 +4,8 @@ from dflash.config import DFlashConfig
 from dflash.decode.engine import GenerationStats, generate, stream
 from dflash.decode.sampling import SamplingParams
 from dflash.model.drafter import DFlashDraftModel
-from dflash.target.adapter import TargetAdapter
-from dflash.target.loader import chat_input_ids, load_target, stop_token_ids
+from dflash.runtime.adapter import TargetAdapter
+from dflash.runtime.loader import chat_input_ids, load_target, stop_token_ids
 from dflash.drafters import default_drafter_path
 
 __all__ = [

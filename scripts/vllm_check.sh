@@ -33,7 +33,7 @@ if ! "$VLLM_VENV/bin/python" -c "import vllm" 2>/dev/null; then
 fi
 
 # --- what to serve: the converted target folder and the exported drafter ----------------------------
-TARGET="$(python -c 'from dflash.target.loader import resolve_target; print(resolve_target(None))')"
+TARGET="$(python -c 'from dflash.runtime.loader import resolve_target; print(resolve_target(None))')"
 DRAFTER="$OUT_DIR/drafter"
 dflash export --for vllm "$DRAFTER" | tee "$OUT_DIR/export.txt"
 BLOCK="$(python -c "import json; print(json.load(open('$DRAFTER/config.json'))['block_size'])")"

@@ -38,7 +38,7 @@ def tokenizer():
     """SmolLM2's tokenizer (chat template included) without loading its weights."""
     from transformers import AutoTokenizer
 
-    from dflash.target.loader import resolve_target
+    from dflash.runtime.loader import resolve_target
 
     return AutoTokenizer.from_pretrained(str(resolve_target(None)))
 

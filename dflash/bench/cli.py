@@ -15,7 +15,7 @@ from dflash.cli.common import COMPILE_HELP
 from dflash.config import DEFAULT_TARGET
 from dflash.datasets import DATA_DIR_ENV, EVAL_SETS
 from dflash.errors import DFlashError
-from dflash.target.packed import CPU_WEIGHT_FORMATS
+from dflash.runtime.packed import CPU_WEIGHT_FORMATS
 
 SERVER_BACKENDS = ("openai", "vllm", "sglang")
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -148,7 +148,7 @@ def run_in_process(args: argparse.Namespace, prompts: dict[str, list[list[str]]]
     from dflash.bench.local import TransformersGenerate, gather, run_local, shard
     from dflash.cli.common import load_models
     from dflash.decode.sampling import SamplingParams
-    from dflash.target.loader import stop_token_ids
+    from dflash.runtime.loader import stop_token_ids
 
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     if world > 1:

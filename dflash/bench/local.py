@@ -81,7 +81,7 @@ def gather(records: list[PromptRecord]) -> list[PromptRecord] | None:
 def converse(decode: Callable[[torch.Tensor], GenerationStats], tokenizer: Any, turns: list[str],
              enable_thinking: bool) -> tuple[Run, int]:
     """Decode every turn of a conversation, its own answers fed back; (run, first prompt length)."""
-    from dflash.target.loader import chat_input_ids
+    from dflash.runtime.loader import chat_input_ids
 
     run, messages, first_len = Run(), [], 0
     for t, turn in enumerate(turns):

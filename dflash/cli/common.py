@@ -11,7 +11,7 @@ import torch
 
 from dflash.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TARGET
 from dflash.errors import DFlashError
-from dflash.target.packed import CPU_WEIGHT_FORMATS, apply_cpu_weights
+from dflash.runtime.packed import CPU_WEIGHT_FORMATS, apply_cpu_weights
 
 
 COMPILE_HELP = ("with --cpu-weights fp16 on a Llama-architecture target: run its decoding steps through "
@@ -75,7 +75,7 @@ def resolve_draft_path(target: str | None, draft: str | None) -> str | None:
 def load_models(args: argparse.Namespace, need_drafter: bool = True) -> tuple[Any, Any, Any]:
     """(target model, tokenizer, drafter or None) from --target/--draft/--device/--dtype."""
     from dflash.model.drafter import DFlashDraftModel
-    from dflash.target.loader import load_target
+    from dflash.runtime.loader import load_target
 
     draft_path = resolve_draft_path(args.target, getattr(args, "draft", None))
     if need_drafter and draft_path is None:
@@ -98,7 +98,7 @@ def load_models(args: argparse.Namespace, need_drafter: bool = True) -> tuple[An
 
 def announce_and_compile(model: Any, drafter: Any, block_size: int) -> None:
     """Compile a `--compile` target's decoding steps now, before any output streams."""
-    from dflash.target.lean import compile_steps
+    from dflash.runtime.lean import compile_steps
 
     lean = getattr(model, "_dflash_lean", None)
     if lean is None or lean.compiled is None:

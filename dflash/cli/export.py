@@ -52,7 +52,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out).expanduser().resolve()
     drafter.save_pretrained(str(out))
     if args.target is None:
-        from dflash.target.loader import resolve_target
+        from dflash.runtime.loader import resolve_target
 
         target = str(resolve_target(None))
     else:

@@ -29,7 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dflash.decode.engine import GenerationStats, generate, stream
     from dflash.decode.sampling import SamplingParams
-    from dflash.target.loader import chat_input_ids, stop_token_ids
+    from dflash.runtime.loader import chat_input_ids, stop_token_ids
 
     if not args.prompt.strip():
         raise DFlashError("the prompt is empty")

@@ -22,7 +22,7 @@ import torch
 from dflash.decode.engine import GenerationStats
 from dflash.decode.sampling import SamplingParams, greedy_accept, logits_to_probs, rejection_accept, sample
 from dflash.errors import DFlashError
-from dflash.target.adapter import TargetAdapter
+from dflash.runtime.adapter import TargetAdapter
 
 if TYPE_CHECKING:
     from dflash.model.drafter import Drafts

@@ -18,7 +18,7 @@ import torch
 from dflash.decode.sampling import (SamplingParams, confident_prefix, greedy_accept, logits_to_probs, rejection_accept,
                                     sample)
 from dflash.errors import DFlashError
-from dflash.target.adapter import TargetAdapter
+from dflash.runtime.adapter import TargetAdapter
 
 
 @dataclass

@@ -318,7 +318,7 @@ class DFlashDraftModel(nn.Module):
     @torch.no_grad()
     def draft(
         self,
-        target: Any,                # dflash.target.TargetAdapter: embedding table and LM head
+        target: Any,                # dflash.runtime.TargetAdapter: embedding table and LM head
         block_ids: torch.Tensor,    # [b, B]: anchor then masks
         context_features: torch.Tensor,  # [b, n_new, len(ids) * hidden]
         cache: DraftCache,

@@ -142,7 +142,7 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
 
     @app.post("/v1/chat/completions")
     async def chat(body: P.ChatCompletionRequest) -> Any:
-        from dflash.target.loader import chat_input_ids
+        from dflash.runtime.loader import chat_input_ids
 
         messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
                     for m in body.messages]

@@ -82,7 +82,7 @@ def build(args: argparse.Namespace) -> tuple[Any, str]:
     """(scheduler, served model name) from the flags."""
     from dflash.serve.metrics import ServerMetrics
     from dflash.serve.scheduler import Scheduler
-    from dflash.target.loader import stop_token_ids
+    from dflash.runtime.loader import stop_token_ids
 
     if getattr(args, "model_positional", None):
         if args.target and args.target != args.model_positional:
@@ -127,7 +127,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from dflash.cli.common import make_generator
     from dflash.decode.engine import GenerationStats, stream
     from dflash.decode.sampling import SamplingParams
-    from dflash.target.loader import chat_input_ids, stop_token_ids
+    from dflash.runtime.loader import chat_input_ids, stop_token_ids
 
     try:
         sampling = SamplingParams(args.temperature, args.top_p, args.top_k)

@@ -52,7 +52,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run_data(args: argparse.Namespace) -> int:
     import torch
 
-    from dflash.target.loader import load_target
+    from dflash.runtime.loader import load_target
     from dflash.train.data import done_ids, find_pool, regenerate, select
 
     if args.max_new_tokens < 1 or args.batch_size < 1 or args.stride < 1 or args.offset < 0:

@@ -63,7 +63,7 @@ def answer_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str, 
                  max_new_tokens: int, temperature: float) -> list[tuple[str, str, int]]:
     """The target's next reply to each conversation: (text, finish, new token count). Left
     padding, one `generate` call; a reply ends at its first stop token (not kept in the text)."""
-    from dflash.target.loader import chat_input_ids
+    from dflash.runtime.loader import chat_input_ids
 
     prompts = [chat_input_ids(tokenizer, c) for c in conversations]
     width = max(len(p) for p in prompts)
@@ -93,7 +93,7 @@ def regenerate(rows: list[tuple[int, dict[str, Any]]], model: Any, tokenizer: An
     number of conversations written."""
     from tqdm import tqdm
 
-    from dflash.target.loader import stop_token_ids
+    from dflash.runtime.loader import stop_token_ids
 
     stops = stop_token_ids(tokenizer, model)
     written = 0

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from dflash.target.adapter import TargetAdapter
+from dflash.runtime.adapter import TargetAdapter
 
 
 class TargetFeatures:

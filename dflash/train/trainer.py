@@ -325,7 +325,7 @@ def lr_lambda(max_steps: int, warmup: float, min_ratio: float):
 class Trainer:
     def __init__(self, args: argparse.Namespace) -> None:
         from dflash.model.drafter import DFlashDraftModel
-        from dflash.target.loader import load_target
+        from dflash.runtime.loader import load_target
         from dflash.train.features import TargetFeatures
 
         check_arguments(args)

@@ -169,7 +169,7 @@ def test_draft_vocabulary_round_trips_and_limits_proposals(tmp_path):
     drafter.save_pretrained(str(tmp_path / "d"))
     loaded = DFlashDraftModel.from_pretrained(str(tmp_path / "d"), dtype="float32", device="cpu")
     assert torch.equal(loaded.draft_vocab, torch.arange(0, 128, 3))
-    from dflash.target.adapter import TargetAdapter
+    from dflash.runtime.adapter import TargetAdapter
 
     adapter = TargetAdapter(target, loaded.config.target_layer_ids)
     ids = torch.tensor([[5, 6, 7, 8]])

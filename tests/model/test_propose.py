@@ -5,7 +5,7 @@ import torch
 from helpers import tiny_target
 
 from dflash import DFlashDraftModel
-from dflash.target.adapter import TargetAdapter
+from dflash.runtime.adapter import TargetAdapter
 
 
 def _models():

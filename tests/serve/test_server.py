@@ -10,7 +10,7 @@ import torch
 from openai import OpenAI
 
 from dflash.decode.engine import generate
-from dflash.target.loader import chat_input_ids
+from dflash.runtime.loader import chat_input_ids
 
 from conftest import serve_args, start_server
 
@@ -190,7 +190,7 @@ def test_smollm2_greedy_answer_through_the_server_equals_spec_generate(smollm):
     from dflash import DFlashDraftModel
     from dflash.serve.metrics import ServerMetrics
     from dflash.serve.scheduler import Scheduler
-    from dflash.target.loader import stop_token_ids
+    from dflash.runtime.loader import stop_token_ids
 
     model, tokenizer = smollm
     torch.manual_seed(0)

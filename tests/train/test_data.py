@@ -9,7 +9,7 @@ from dflash.cli.main import main
 from dflash.errors import DFlashError
 from dflash.train.data import append_rows, done_ids, find_pool, regenerate, select
 from dflash.datasets import read_jsonl
-from dflash.target.loader import load_target
+from dflash.runtime.loader import load_target
 from dflash.train.dataset import is_held_out, load_conversations, split_rows, tokenize_conversation
 
 

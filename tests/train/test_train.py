@@ -29,7 +29,7 @@ def tiny_args(tiny_target_dir, regen_file, out, *extra: str) -> argparse.Namespa
 
 def test_features_equal_what_decoding_feeds(tiny_target_dir):
     from dflash import load_target
-    from dflash.target.adapter import TargetAdapter
+    from dflash.runtime.adapter import TargetAdapter
 
     model, _ = load_target(str(tiny_target_dir), device="cpu")
     ids = torch.randint(5, 1000, (30,))
@@ -77,7 +77,7 @@ def test_training_blocks_see_what_decoding_shows_the_drafter(tiny_target_dir):
     (context fed in uneven chunks to a draft cache, a throwaway block after each) must give the
     same draft logits for the same anchor: otherwise training teaches a task decoding never asks."""
     from dflash import load_target
-    from dflash.target.adapter import TargetAdapter
+    from dflash.runtime.adapter import TargetAdapter
 
     model, _ = load_target(str(tiny_target_dir), device="cpu")
     torch.manual_seed(0)

@@ -40,7 +40,7 @@ FULL_LAYERS = {"DynamicLayer"}
 WINDOW_LAYERS = {"DynamicSlidingWindowLayer"}
 RECURRENT_LAYERS = {"LinearAttentionLayer"}
 # Families whose recurrent mixers take (hidden_states, cache_params) and keep all of their
-# state in the cache's conv/recurrent slots: proven by tests/target/test_families.py.
+# state in the cache's conv/recurrent slots: proven by tests/runtime/test_families.py.
 RECURRENT_FAMILIES = {"qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_text", "qwen3_next"}
 
 

@@ -63,7 +63,7 @@ def test_family_lossless(family):
 def test_rollback_is_what_makes_it_exact(family, monkeypatch):
     """With the recurrent re-advance (or the window's recorded past) switched off, a mid-block
     rejection breaks the output: the tests above would catch a broken rollback."""
-    import dflash.target.rollback as rollback
+    import dflash.runtime.rollback as rollback
 
     model = tiny_target(family)
     ids = prompts(model.config.vocab_size)[1]

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from dflash.errors import IncompatibleDrafterError, UnsupportedTargetError
-from dflash.target.lean import LeanCache
-from dflash.target.packed import rows_of
-from dflash.target.rollback import CacheRollback
+from dflash.runtime.lean import LeanCache
+from dflash.runtime.packed import rows_of
+from dflash.runtime.rollback import CacheRollback
 
 
 @dataclass
@@ -152,7 +152,7 @@ class TargetAdapter:
     def rollback(self, cache: Any, length: int) -> None:
         """Forget every cached position from `length` on (rejected draft tokens). Call it after
         every forward, also when nothing was rejected: sliding-window and recurrent layers
-        trim what they recorded for a possible rollback (see dflash/target/rollback.py)."""
+        trim what they recorded for a possible rollback (see dflash/runtime/rollback.py)."""
         self._rollback.rollback(cache, length)
 
     # --- ragged batches: rows of one cache, each owning some of its slots ----------------------

@@ -25,7 +25,7 @@ from typing import Any, Callable
 import torch
 
 from dflash.errors import DFlashError
-from dflash.target import native
+from dflash.runtime import native
 
 CPU_WEIGHT_FORMATS = ("float32", "fp16")
 
@@ -108,7 +108,7 @@ def apply_cpu_weights(model: Any, cpu_weights: str | None, compile: bool = False
     else:  # cheaper calls where a compiler is at hand; torch's own operator otherwise
         native.try_load()
     pack_fp16_linears(model)
-    from dflash.target.lean import lean_forward_for
+    from dflash.runtime.lean import lean_forward_for
 
     model._dflash_lean = lean_forward_for(model)  # TargetAdapter runs it where it applies
     if compile:

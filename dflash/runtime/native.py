@@ -72,7 +72,7 @@ def load() -> None:
         return
     if "error" in _state:
         raise DFlashError(str(_state["error"]))
-    from dflash.target.loader import cache_dir
+    from dflash.runtime.loader import cache_dir
 
     key = hashlib.sha256(SOURCE.read_bytes() + f"{torch.__version__} {sys.platform}".encode()).hexdigest()[:16]
     library = cache_dir() / "native" / key / "dflash_native.so"

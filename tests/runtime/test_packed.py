@@ -8,7 +8,7 @@ from helpers import BATCH_PROMPTS, PROMPTS, greedy_reference, oracle_for, run_al
 
 from dflash import DFlashDraftModel, TargetAdapter, chat_input_ids, default_drafter_path, generate, load_target
 from dflash.errors import DFlashError
-from dflash.target.packed import PackedFp16Linear, apply_cpu_weights, pack_fp16_linears
+from dflash.runtime.packed import PackedFp16Linear, apply_cpu_weights, pack_fp16_linears
 
 
 def test_packed_rows_do_not_depend_on_their_batch():
@@ -131,7 +131,7 @@ def test_batched_engine_on_a_packed_target():
 def test_compiled_steps_compute_what_the_eager_lean_forward_computes():
     """--compile: the decoding steps run as torch.compile'd graphs (prompts stay eager); their
     logits, drafter features and cache writes match the eager lean forward."""
-    from dflash.target.lean import compile_steps
+    from dflash.runtime.lean import compile_steps
 
     eager = apply_cpu_weights(tiny_target("llama"), "fp16")
     compiled = apply_cpu_weights(tiny_target("llama"), "fp16", compile=True)
@@ -194,7 +194,7 @@ def test_compiled_code_is_cached_under_dflash_unless_the_user_chose(monkeypatch,
     directory the user set alone."""
     from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
-    from dflash.target.loader import cache_dir
+    from dflash.runtime.loader import cache_dir
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
     apply_cpu_weights(tiny_target("llama"), "fp16", compile=True)
@@ -208,7 +208,7 @@ def test_native_operators_compute_what_torchs_operator_computes(monkeypatch):
     """dflash's C++ product (built once with the machine's compiler) runs fbgemm's own kernel on
     the same packed weights: bit for bit torch's `quantized::linear_dynamic_fp16`, at every
     block length. Without the library loaded a packed linear keeps torch's operator."""
-    from dflash.target import native
+    from dflash.runtime import native
 
     native.load()
     torch.manual_seed(0)
@@ -228,8 +228,8 @@ def test_native_operators_compute_what_torchs_operator_computes(monkeypatch):
 
 
 def test_native_attention_writes_the_cache_and_attends_like_the_python_one():
-    from dflash.target import native
-    from dflash.target.lean import _attend_cached
+    from dflash.runtime import native
+    from dflash.runtime.lean import _attend_cached
 
     native.load()
     torch.manual_seed(0)
@@ -246,7 +246,7 @@ def test_native_attention_writes_the_cache_and_attends_like_the_python_one():
 
 
 def test_without_a_compiler_the_native_build_says_so(monkeypatch, tmp_path):
-    from dflash.target import native
+    from dflash.runtime import native
 
     monkeypatch.setattr(native, "_compiler", lambda: None)
     with pytest.raises(DFlashError, match="no C.. compiler"):

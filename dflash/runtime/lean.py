@@ -1,6 +1,6 @@
 """A lean forward for Llama-architecture targets on CPU with fp16 weights (`--cpu-weights fp16`).
 
-Why: once the weights are half-size (dflash/target/packed.py), a one-token forward of
+Why: once the weights are half-size (dflash/runtime/packed.py), a one-token forward of
 SmolLM2-135M spends more time outside the matrix products than in them: ~210 small operators
 and their Python dispatch per forward (seven linear calls, two RMSNorms, RoPE on q and k
 separately, masks, output bookkeeping per layer). This forward computes the same function with
@@ -27,8 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from dflash.target import native
-from dflash.target.packed import PackedFp16Linear, weight_of
+from dflash.runtime import native
+from dflash.runtime.packed import PackedFp16Linear, weight_of
 
 LEAN_MODEL_TYPES = {"llama"}
 COMPILED_MAX_TOKENS = 16  # longer inputs (prompts) take the eager forward
@@ -94,14 +94,14 @@ class LeanLlama:
     def compile(self) -> None:
         """Run the layers as a `torch.compile`d graph: inductor fuses the small operators
         between the matrix products (which stay fbgemm's, called through the native
-        `dflash_native::linear_fp16`, dflash/target/native.py) and drops their Python dispatch.
+        `dflash_native::linear_fp16`, dflash/runtime/native.py) and drops their Python dispatch.
         Blocks of up to COMPILED_MAX_TOKENS tokens use it (one graph per block length, compiled on
         first use and cached on disk by inductor); prompts keep the eager forward."""
         import os
 
         import torch._dynamo
 
-        from dflash.target.loader import cache_dir
+        from dflash.runtime.loader import cache_dir
 
         from torch._inductor.runtime.cache_dir_utils import default_cache_dir
 
@@ -260,7 +260,7 @@ def compile_steps(model: Any, feature_layers: list[int] | None, block_size: int)
     happens here rather than mid-stream: plain one-token steps, and with a drafter's
     `feature_layers` every block length up to `block_size` (a threshold or the token budget can
     shorten a block). Returns the seconds it took."""
-    from dflash.target.adapter import TargetAdapter
+    from dflash.runtime.adapter import TargetAdapter
 
     start = time.perf_counter()
     runs = [([], [1])] + ([(feature_layers, range(1, block_size + 1))] if feature_layers else [])
