@@ -29,6 +29,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from dflash.decode.engine import GenerationStats, generate, stream
     from dflash.decode.sampling import SamplingParams
+    from dflash.decode.text import IncrementalDetokenizer
     from dflash.runtime.loader import chat_input_ids, stop_token_ids
 
     if not args.prompt.strip():
@@ -48,15 +49,12 @@ def run(args: argparse.Namespace) -> int:
         generate(model, drafter, ids, block_size=block_size, max_new_tokens=2, sampling=sampling)
     stats = GenerationStats()
     generator = make_generator(args.seed, model.device)
-    printed = ""
+    detokenizer = IncrementalDetokenizer(tokenizer)  # decodes only the new tokens of each step
     for _ in stream(model, drafter, ids, block_size=block_size, generator=generator, stats=stats,
                     draft_threshold=args.draft_threshold, **options):
-        text = tokenizer.decode(stats.new_tokens, skip_special_tokens=True)
-        if text.startswith(printed):  # print only what is new (multi-byte characters complete late)
-            sys.stdout.write(text[len(printed):])
-            sys.stdout.flush()
-            printed = text
-    sys.stdout.write("\n")
+        sys.stdout.write(detokenizer.add(stats.new_tokens[detokenizer.seen:]))
+        sys.stdout.flush()
+    sys.stdout.write(detokenizer.flush() + "\n")
 
     if args.stats:
         print_stats("dflash" if block_size > 1 else "plain", stats)

@@ -127,6 +127,7 @@ def run_chat(args: argparse.Namespace) -> int:
     from dflash.cli.common import make_generator
     from dflash.decode.engine import GenerationStats, stream
     from dflash.decode.sampling import SamplingParams
+    from dflash.decode.text import IncrementalDetokenizer
     from dflash.runtime.loader import chat_input_ids, stop_token_ids
 
     try:
@@ -161,20 +162,21 @@ def run_chat(args: argparse.Namespace) -> int:
         history.append({"role": "user", "content": line})
         ids = chat_input_ids(tokenizer, history, system=args.system)
         stats = GenerationStats()
-        printed = ""
+        detokenizer = IncrementalDetokenizer(tokenizer)  # decodes only the new tokens of each step
+        reply = ""
         sys.stdout.write("assistant> ")
         try:
             for _ in stream(model, drafter, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling,
                             block_size=block, stop_token_ids=stops, generator=generator, stats=stats,
                             draft_threshold=args.draft_threshold):
-                text = tokenizer.decode(stats.new_tokens, skip_special_tokens=True)
-                if text.startswith(printed):
-                    sys.stdout.write(text[len(printed):])
-                    sys.stdout.flush()
-                    printed = text
+                text = detokenizer.add(stats.new_tokens[detokenizer.seen:])
+                reply += text
+                sys.stdout.write(text)
+                sys.stdout.flush()
         except KeyboardInterrupt:  # stop this reply, keep the chat
             print(" [interrupted]")
+        reply += detokenizer.add(stats.new_tokens[detokenizer.seen:]) + detokenizer.flush()
         sys.stdout.write("\n")
-        history.append({"role": "assistant", "content": tokenizer.decode(stats.new_tokens, skip_special_tokens=True)})
+        history.append({"role": "assistant", "content": reply})
         if show_stats:
             print(f"({stats.num_new_tokens} tokens, tau {stats.tau:.2f}, {stats.tokens_per_s:.1f} tok/s)")

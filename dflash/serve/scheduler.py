@@ -20,6 +20,7 @@ import torch
 from dflash.decode.batch import BatchEngine, BatchRequest
 from dflash.decode.engine import GenerationStats
 from dflash.decode.sampling import SamplingParams
+from dflash.decode.text import IncrementalDetokenizer
 from dflash.errors import DFlashError
 
 
@@ -75,25 +76,27 @@ class TextStream:
     that could still become a stop string; reports where a stop string cut the text."""
 
     def __init__(self, tokenizer: Any, stop_strings: list[str], skip: set[int]) -> None:
-        self.tokenizer, self.stops, self.skip = tokenizer, stop_strings, skip
-        self.tokens: list[int] = []
+        self.stops, self.skip = stop_strings, skip
+        self.detokenizer = IncrementalDetokenizer(tokenizer)  # holds back incomplete characters
+        self.text = ""
         self.sent = ""
         self.hold = max((len(s) for s in stop_strings), default=1) - 1
 
     def add(self, tokens: list[int]) -> tuple[str, bool]:
         """(new text to send, whether a stop string ended the text)."""
-        self.tokens += [t for t in tokens if t not in self.skip]
-        text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
+        self.text += self.detokenizer.add(t for t in tokens if t not in self.skip)
+        text = self.text
         hits = [i for i in (text.find(s, max(0, len(self.sent) - self.hold)) for s in self.stops) if i >= 0]
         if hits:
             return self._emit(text[: min(hits)]), True
-        ready = text.rstrip("\ufffd")  # a multi-byte character not complete yet
+        ready = text
         if self.stops:
             ready = ready[: max(len(self.sent), len(ready) - self.hold)]
         return self._emit(ready), False
 
     def flush(self) -> str:
-        return self._emit(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
+        self.text += self.detokenizer.flush()
+        return self._emit(self.text)
 
     def _emit(self, text: str) -> str:
         delta = text[len(self.sent):] if len(text) > len(self.sent) else ""
