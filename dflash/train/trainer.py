@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import os
 import random
 import signal
@@ -310,16 +309,17 @@ def frequent_tokens(dataset: ConversationDataset, k: int, vocab_size: int, seed:
     return top.indices.sort().values, float(top.values.sum() / counts.sum().clamp(min=1))
 
 
-def lr_lambda(max_steps: int, warmup: float, min_ratio: float):
-    """Linear warm-up over `warmup` of the steps, then cosine decay to `min_ratio`."""
-    warm = max(1, int(warmup * max_steps))
+def cosine_schedule(optimizer: torch.optim.Optimizer, max_steps: int, warmup: float, min_ratio: float,
+                    last_step: int = -1) -> torch.optim.lr_scheduler.LambdaLR:
+    """transformers' cosine schedule with a floor: linear warm-up from 0 over the `warmup` share
+    of the steps, then cosine decay to `min_ratio` of --lr at `max_steps` (the training loop stops
+    there; past it the cosine would rise again). `last_step` >= 0 continues at that step, the
+    learning rate set for the next one."""
+    from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
-    def f(step: int) -> float:
-        if step < warm:
-            return (step + 1) / warm
-        progress = min(1.0, (step - warm) / max(1, max_steps - warm))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return f
+    return get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer, num_warmup_steps=int(warmup * max_steps), num_training_steps=max_steps,
+        min_lr_rate=min_ratio, last_epoch=last_step)
 
 
 class Trainer:
@@ -389,8 +389,7 @@ class Trainer:
             self.ddp = DistributedDataParallel(self.drafter, device_ids=[self.d.local_rank] if self.device.type == "cuda" else None)
         self.optimizer = torch.optim.AdamW(self.drafter.parameters(), lr=a.lr, betas=(0.9, 0.95),
                                            weight_decay=a.weight_decay, fused=self.device.type == "cuda")
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lr_lambda(self.max_steps, a.warmup, a.min_lr_ratio))
+        self.scheduler = cosine_schedule(self.optimizer, self.max_steps, a.warmup, a.min_lr_ratio)
         self.step, self.epoch, self.cursor, self.best_tau = 0, 0, 0, -1.0
         self.fitted = False  # whether --fit-minutes has set max_steps
         self._order: list[int] | None = None
@@ -481,7 +480,8 @@ class Trainer:
         """Make the warm-up and cosine span `max_steps` (from --fit-minutes)."""
         a = self.args
         self.max_steps, self.fitted = max_steps, True
-        self.scheduler.lr_lambdas = [lr_lambda(max_steps, a.warmup, a.min_lr_ratio)]
+        self.scheduler = cosine_schedule(self.optimizer, max_steps, a.warmup, a.min_lr_ratio,
+                                         last_step=self.scheduler.last_epoch - 1)
 
     def _fit_schedule(self, started: float, probe: tuple[float, int]) -> None:
         """--fit-minutes: the steps that fit in the rest of the budget at the rate since `probe`."""

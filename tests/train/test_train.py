@@ -72,6 +72,36 @@ def test_fit_minutes_sizes_the_schedule_to_the_budget(tiny_target_dir, regen_fil
     assert resumed.max_steps == state["max_steps"] and resumed.fitted
 
 
+def test_schedule_warms_up_then_decays_to_the_floor():
+    """Linear warm-up over the --warmup share to --lr, cosine down to --min-lr-ratio of it at the
+    last step; refitting the length mid-run (--fit-minutes) continues at the same step."""
+    def lrs(schedule, n):
+        out = []
+        for _ in range(n):
+            out.append(schedule.get_last_lr()[0])
+            schedule.optimizer.step()
+            schedule.step()
+        return out
+
+    def optimizer():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=2.0)
+
+    schedule = T.cosine_schedule(optimizer(), 100, 0.1, 0.2)
+    seen = lrs(schedule, 100)
+    assert seen[0] == 0 and seen[5] == pytest.approx(1.0) and seen[10] == pytest.approx(2.0)
+    assert all(a < b for a, b in zip(seen[:10], seen[1:11]))
+    assert all(a > b for a, b in zip(seen[10:], seen[11:]))
+    assert schedule.get_last_lr()[0] == pytest.approx(0.4)  # the floor, at the last step
+    refitted = T.cosine_schedule(optimizer(), 100, 0.1, 0.2)
+    lrs(refitted, 30)
+    refitted = T.cosine_schedule(refitted.optimizer, 50, 0.1, 0.2, last_step=refitted.last_epoch - 1)
+    fresh = T.cosine_schedule(optimizer(), 50, 0.1, 0.2)
+    lrs(fresh, 30)
+    assert refitted.last_epoch == 30 and refitted.get_last_lr() == pytest.approx(fresh.get_last_lr())
+    assert refitted.optimizer.param_groups[0]["lr"] == pytest.approx(fresh.get_last_lr()[0])
+    assert lrs(refitted, 20) == pytest.approx(lrs(fresh, 20))
+
+
 def test_training_blocks_see_what_decoding_shows_the_drafter(tiny_target_dir):
     """The trainer's one masked forward over many blocks and the engine's incremental drafting
     (context fed in uneven chunks to a draft cache, a throwaway block after each) must give the
