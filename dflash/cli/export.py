@@ -13,6 +13,22 @@ from dflash.config import DEFAULT_TARGET
 from dflash.errors import DFlashError
 
 
+class _IntermixedParser(argparse.ArgumentParser):
+    """Takes positionals on both sides of options, as in `dflash export DRAFTER --for llama.cpp OUT.gguf`:
+    plain argparse fills positionals from the first run of them only, so OUT would be left over."""
+
+    _inner = False
+
+    def parse_known_args(self, args=None, namespace=None):  # type: ignore[override]
+        if self._inner:  # parse_known_intermixed_args calls back here for its two passes
+            return super().parse_known_args(args, namespace)
+        self._inner = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._inner = False
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export", help="write a drafter for vLLM, SGLang or llama.cpp and print the serve command",
@@ -43,6 +59,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--outtype", choices=["f16", "bf16", "f32"], default="f16",
                    help="llama.cpp: type of the drafter's weight matrices (default: f16, fast on every CPU; "
                         "norms stay f32)")
+    p.__class__ = _IntermixedParser  # the subparser is built by main's parser class; only its parsing changes
     p.set_defaults(func=run)
 
 
