@@ -17,20 +17,23 @@ from dflash.datasets import DATA_DIR_ENV, EVAL_SETS
 from dflash.errors import DFlashError
 from dflash.runtime.packed import CPU_WEIGHT_FORMATS
 
-SERVER_BACKENDS = ("openai", "vllm", "sglang")
+SERVER_BACKENDS = ("openai", "vllm", "sglang", "llamacpp")
 DEFAULT_MAX_NEW_TOKENS = 256
 EXAMPLES = """examples:
   dflash bench --dataset gsm8k --max-samples 20                   # embedded target + shipped drafter
   dflash bench --dataset all --max-samples 50 --output results.json --markdown results.md --plots plots/
   torchrun --nproc_per_node 2 -m dflash.benchmark --dataset gsm8k --max-samples 64
   dflash bench --backend vllm --base-url http://127.0.0.1:8000 --dataset gsm8k --concurrency 1,2,4,8
+  dflash bench --backend llamacpp --base-url http://127.0.0.1:8080 --max-samples 8   # llama-server --metrics
 """
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backend", default="transformers", choices=("transformers", "local") + SERVER_BACKENDS,
-                   help="transformers/local: decode in this process; openai/vllm/sglang: send HTTP requests to "
-                        "--base-url (default: transformers)")
+                   help="transformers/local: decode in this process; openai/vllm/sglang/llamacpp: send HTTP "
+                        "requests to --base-url (default: transformers). Acceptance comes from the server: "
+                        "vLLM's and llama-server's /metrics counters (start llama-server with --metrics), "
+                        "else llama-server's per-response timings (draft_n, draft_n_accepted)")
     g = p.add_argument_group("data")
     g.add_argument("--dataset", nargs="+", default=["gsm8k"], metavar="NAME",
                    help=f"{', '.join(EVAL_SETS)}, `all`, or a JSONL file of `turns` (default: gsm8k)")
@@ -142,24 +145,16 @@ def _progress(total: int, disabled: bool, desc: str):
 
 
 def run_in_process(args: argparse.Namespace, prompts: dict[str, list[list[str]]]) -> dict[str, Any] | None:
-    import torch
-
     from dflash.bench import report
     from dflash.bench.local import TransformersGenerate, gather, run_local, shard
     from dflash.cli.common import load_models
     from dflash.decode.sampling import SamplingParams
+    from dflash.distributed import close_distributed, init_distributed
     from dflash.runtime.loader import stop_token_ids
 
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    if world > 1:
-        import torch.distributed as dist
-
-        use_cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-        if use_cuda:
-            local = int(os.environ.get("LOCAL_RANK", 0))
-            torch.cuda.set_device(local)
-            args.device = f"cuda:{local}"
-        dist.init_process_group("nccl" if use_cuda else "gloo")
+    d, device = init_distributed(args.device)
+    if d.joined:
+        args.device = str(device)
     try:
         sampling = SamplingParams(args.temperature)
         need_drafter = args.block_size != 1
@@ -173,7 +168,7 @@ def run_in_process(args: argparse.Namespace, prompts: dict[str, list[list[str]]]
             peers.append(TransformersGenerate(model, args.max_new_tokens, sampling, stops,
                                               prompt_lookup=10 if name == "hf-lookup" else 0))
         mine = sum(len(shard(items)) for items in prompts.values())
-        with _progress(mine, args.no_progress or rank > 0, "bench") as bar:
+        with _progress(mine, args.no_progress or not d.main, "bench") as bar:
             records = run_local(model, drafter, tokenizer, prompts, block_size=block_size,
                                 max_new_tokens=args.max_new_tokens, sampling=sampling, stops=stops,
                                 baseline=not args.no_baseline and block_size > 1, peers=peers,
@@ -181,9 +176,7 @@ def run_in_process(args: argparse.Namespace, prompts: dict[str, list[list[str]]]
                                 draft_threshold=args.draft_threshold)
         records = gather(records)
     finally:
-        if world > 1:
-            import torch.distributed as dist
-            dist.destroy_process_group()
+        close_distributed(d)
     if records is None:
         return None
     summary = report.summarize_local(records, block_size)
@@ -198,7 +191,7 @@ def run_in_process(args: argparse.Namespace, prompts: dict[str, list[list[str]]]
         Path(args.markdown).write_text(report.markdown_table(columns, rows))
     if args.plots:
         print(f"plot: {report.plot_histograms(summary, Path(args.plots) / 'acceptance_histogram.png')}")
-    return {"config": {"block_size": block_size, "world_size": world,
+    return {"config": {"block_size": block_size, "world_size": d.world,
                        "drafter": getattr(getattr(drafter, "config", None), "name_or_path", None) or args.draft,
                        "device": str(model.device)},
             "datasets": summary, "prompts": records}

@@ -1,8 +1,10 @@
-"""Server backends: any OpenAI-compatible server (this project's `dflash serve`, vLLM, SGLang)
-driven over HTTP at a given concurrency, streaming, with time to first token, inter-token
-latency, throughput, and the acceptance length where the server reports it: in each response's
-`usage` (`dflash serve`) or in its Prometheus `/metrics` (vLLM's `vllm:spec_decode_*` counters,
-SGLang's `sglang:spec_accept_length`).
+"""Server backends: any OpenAI-compatible server (this project's `dflash serve`, vLLM, SGLang,
+llama.cpp's llama-server) driven over HTTP at a given concurrency, streaming, with time to first
+token, inter-token latency, throughput, and the acceptance length where the server reports it: in
+each response's `usage` (`dflash serve`), in its Prometheus `/metrics` (vLLM's
+`vllm:spec_decode_*` counters, llama-server's `llamacpp:spec_decode_*` ones when started with
+`--metrics`, SGLang's `sglang:spec_accept_length`), or, failing those, from the `timings` object
+llama-server adds to its last chunk (`draft_n` drafted, `draft_n_accepted` accepted tokens).
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ class RequestRecord:
     itl_s: list[float] = field(default_factory=list)   # gaps between streamed chunks
     acceptance_lengths: list[float] = field(default_factory=list)  # per turn, where `usage` has it
     texts: list[str] = field(default_factory=list)
+    # llama-server's `timings`, summed over turns: tokens drafted, drafts accepted, tokens after the first
+    draft_tokens: int = 0
+    draft_accepted: int = 0
+    timed_tokens: int = 0
 
 
 def scrape_metrics(base_url: str, timeout: float = 10.0) -> dict[str, float]:
@@ -57,8 +63,10 @@ def tau_from_metrics(before: dict[str, float], after: dict[str, float]) -> float
     def delta(name: str) -> float:
         return after.get(name, 0.0) - before.get(name, 0.0)
 
-    if delta("vllm:spec_decode_num_drafts_total") > 0:  # vLLM: accepted drafts + the bonus token
-        return 1.0 + delta("vllm:spec_decode_num_accepted_tokens_total") / delta("vllm:spec_decode_num_drafts_total")
+    for prefix in ("vllm:", "llamacpp:"):  # accepted drafts per verify step + the target's own token
+        steps = delta(prefix + "spec_decode_num_drafts_total")
+        if steps > 0:
+            return 1.0 + delta(prefix + "spec_decode_num_accepted_tokens_total") / steps
     if delta("dflash_verify_steps_total") > 0:          # dflash serve
         return delta("dflash_committed_tokens_total") / delta("dflash_verify_steps_total")
     if after.get("sglang:spec_accept_length"):          # SGLang: a running mean (gauge)
@@ -76,13 +84,15 @@ async def _conversation(client: Any, model: str, dataset: str, index: int, turns
         messages.append({"role": "user", "content": turn})
         start = last = time.perf_counter()
         parts: list[str] = []
-        usage = None
+        usage = timings = None
         stream = await client.chat.completions.create(
             model=model, messages=messages, max_tokens=max_tokens, temperature=temperature, seed=seed,
             stream=True, stream_options={"include_usage": True}, extra_body=extra)
         async for chunk in stream:
             if chunk.usage is not None:
                 usage = chunk.usage
+            if (chunk.model_extra or {}).get("timings"):  # llama-server, on its last chunk
+                timings = chunk.model_extra["timings"]
             delta = chunk.choices[0].delta.content if chunk.choices else None
             if delta:
                 now = time.perf_counter()
@@ -104,6 +114,11 @@ async def _conversation(client: Any, model: str, dataset: str, index: int, turns
                 record.acceptance_lengths.append(float(accept))
         else:  # a server that does not report usage: count streamed chunks
             record.completion_tokens += len(parts)
+        if timings is not None:
+            record.draft_tokens += int(timings.get("draft_n") or 0)
+            record.draft_accepted += int(timings.get("draft_n_accepted") or 0)
+            # the prompt's forward yields the first token; every later forward one plus its accepted drafts
+            record.timed_tokens += max(int(timings.get("predicted_n") or 0) - 1, 0)
     return record
 
 

@@ -99,6 +99,8 @@ def summarize_http(level: dict[str, Any]) -> dict[str, Any]:
     itl = [1000 * x for r in records for x in r.itl_s]
     latency = [r.latency_s for r in records]
     usage_tau = [x for r in records for x in r.acceptance_lengths]
+    tau, source = _http_tau(records, usage_tau, level.get("metrics_tau"))
+    drafted, accepted = sum(r.draft_tokens for r in records), sum(r.draft_accepted for r in records)
     return {
         "concurrency": level["concurrency"], "num_requests": len(records), "completion_tokens": tokens,
         "wall_s": round(level["wall_s"], 3), "tokens_per_s": _rate(tokens, level["wall_s"]),
@@ -106,9 +108,27 @@ def summarize_http(level: dict[str, Any]) -> dict[str, Any]:
         "ttft_ms_p50": percentile(ttft, 50), "ttft_ms_p90": percentile(ttft, 90), "ttft_ms_p99": percentile(ttft, 99),
         "itl_ms_p50": percentile(itl, 50), "itl_ms_p90": percentile(itl, 90), "itl_ms_p99": percentile(itl, 99),
         "latency_s_p50": percentile(latency, 50), "latency_s_p99": percentile(latency, 99),
-        "tau": sum(usage_tau) / len(usage_tau) if usage_tau else level.get("metrics_tau"),
-        "tau_source": "usage" if usage_tau else ("metrics" if level.get("metrics_tau") is not None else None),
+        "tau": tau, "tau_source": source,
+        "draft_tokens": drafted or None, "draft_accepted": accepted if drafted else None,
+        "draft_acceptance_rate": accepted / drafted if drafted else None,
     }
+
+
+def _http_tau(records: list[RequestRecord], usage_tau: list[float],
+              metrics_tau: float | None) -> tuple[float | None, str | None]:
+    """The server's acceptance length and where it came from, the most exact source first:
+    per-response usage, the server's counters, then llama-server's per-response timings (tokens
+    decoded per target forward; a forward that had nothing to verify, near max_tokens, counts too,
+    so it can read slightly below llama.cpp's own mean over verify steps)."""
+    if usage_tau:
+        return sum(usage_tau) / len(usage_tau), "usage"
+    if metrics_tau is not None:
+        return metrics_tau, "metrics"
+    decoded = sum(r.timed_tokens for r in records)
+    accepted = sum(r.draft_accepted for r in records)
+    if decoded > accepted and any(r.draft_tokens for r in records):
+        return decoded / (decoded - accepted), "timings"
+    return None, None
 
 
 # --- output --------------------------------------------------------------------------------------
@@ -124,7 +144,8 @@ LOCAL_COLUMNS = [("dataset", None), ("prompts", "num_prompts"), ("tau", "tau"), 
                  ("identical", "identical_outputs")]
 HTTP_COLUMNS = [("concurrency", "concurrency"), ("requests", "num_requests"), ("tok/s", "tokens_per_s"),
                 ("speedup", "speedup"), ("TTFT p50 ms", "ttft_ms_p50"), ("TTFT p99 ms", "ttft_ms_p99"),
-                ("ITL p50 ms", "itl_ms_p50"), ("ITL p99 ms", "itl_ms_p99"), ("tau", "tau")]
+                ("ITL p50 ms", "itl_ms_p50"), ("ITL p99 ms", "itl_ms_p99"), ("tau", "tau"),
+                ("drafts accepted", "draft_acceptance_rate")]
 
 
 def local_rows(summary: dict[str, Any]) -> list[list[str]]:
