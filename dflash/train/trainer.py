@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import random
 import signal
 import sys
@@ -57,6 +56,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+from dflash.distributed import Dist, close_distributed, init_distributed
 from dflash.errors import DFlashError
 from dflash.train.blocks import (IGNORE, BlockStats, block_attention_mask, block_loss, build_blocks,
                                  default_gamma, loss_weights, sample_anchors)
@@ -178,30 +178,6 @@ def check_arguments(a: argparse.Namespace) -> None:
 
 
 # --- distributed ---------------------------------------------------------------------------------
-
-@dataclass
-class Dist:
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-
-def init_distributed(device_flag: str | None) -> tuple[Dist, torch.device]:
-    """Under torchrun (RANK in the environment) join the process group; else one process."""
-    if "RANK" not in os.environ:
-        device = torch.device(device_flag or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return Dist(), device
-    d = Dist(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0)))
-    use_cuda = (device_flag or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
-    if use_cuda:
-        torch.cuda.set_device(d.local_rank)
-    dist.init_process_group(backend="nccl" if use_cuda else "gloo")
-    return d, torch.device(f"cuda:{d.local_rank}" if use_cuda else "cpu")
-
 
 def all_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
     if d.world > 1:
@@ -677,9 +653,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
             return result
         return trainer.run()
     finally:
-        if trainer.d.world > 1:
-            dist.barrier()  # no rank tears the group down while another still saves
-            dist.destroy_process_group()
+        close_distributed(trainer.d)
 
 
 def main(argv: list[str] | None = None) -> int:
