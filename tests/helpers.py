@@ -82,10 +82,10 @@ class RowOracle(DFlashDraftModel):
             for k in range(1, block_ids.shape[1]):
                 tok = int(ref[start + k]) if start + k < ref.shape[0] else 0
                 if k == 2 and self.wrong(rid, start):
-                    tok = (tok + 1) % target_adapter.vocab_size
+                    tok = (tok + 1) % target_adapter.info.vocab_size
                 logits[b, k - 1] = -1e4
                 logits[b, k - 1, tok] = 1e4
-        return Drafts(logits, None, target_adapter.vocab_size)
+        return Drafts(logits, None, target_adapter.info.vocab_size)
 
 
 def oracle_for(drafter: DFlashDraftModel, reference: torch.Tensor, **kw) -> OracleDrafter:

@@ -158,18 +158,18 @@ def run_in_process(args: argparse.Namespace, prompts: dict[str, list[list[str]]]
     try:
         sampling = SamplingParams(args.temperature)
         need_drafter = args.block_size != 1
-        model, tokenizer, drafter = load_models(args, need_drafter=need_drafter)
+        runtime, tokenizer, drafter = load_models(args, need_drafter=need_drafter)
         block_size = 1 if not need_drafter else (args.block_size or drafter.block_size)
-        stops = stop_token_ids(tokenizer, model)
+        stops = stop_token_ids(tokenizer, runtime)
         peers = []
         for name in filter(None, (x.strip() for x in args.peers.split(","))):
             if name not in ("hf", "hf-lookup"):
                 raise DFlashError(f"--peers: unknown peer {name!r} (hf, hf-lookup)")
-            peers.append(TransformersGenerate(model, args.max_new_tokens, sampling, stops,
+            peers.append(TransformersGenerate(runtime.model, args.max_new_tokens, sampling, stops,
                                               prompt_lookup=10 if name == "hf-lookup" else 0))
         mine = sum(len(shard(items)) for items in prompts.values())
         with _progress(mine, args.no_progress or not d.main, "bench") as bar:
-            records = run_local(model, drafter, tokenizer, prompts, block_size=block_size,
+            records = run_local(runtime, drafter, tokenizer, prompts, block_size=block_size,
                                 max_new_tokens=args.max_new_tokens, sampling=sampling, stops=stops,
                                 baseline=not args.no_baseline and block_size > 1, peers=peers,
                                 enable_thinking=args.enable_thinking, seed=args.seed, progress=bar.update,
@@ -193,7 +193,7 @@ def run_in_process(args: argparse.Namespace, prompts: dict[str, list[list[str]]]
         print(f"plot: {report.plot_histograms(summary, Path(args.plots) / 'acceptance_histogram.png')}")
     return {"config": {"block_size": block_size, "world_size": d.world,
                        "drafter": getattr(getattr(drafter, "config", None), "name_or_path", None) or args.draft,
-                       "device": str(model.device)},
+                       "device": str(runtime.info.device)},
             "datasets": summary, "prompts": records}
 
 

@@ -16,6 +16,7 @@ import torch
 
 from dflash.decode.engine import GenerationStats, generate
 from dflash.decode.sampling import SamplingParams
+from dflash.runtime.loader import as_runtime
 
 
 @dataclass
@@ -142,7 +143,8 @@ def run_local(target: Any, drafter: Any, tokenizer: Any, prompts: dict[str, list
     """Decode every prompt of every dataset with DFlash, then plainly, then with each peer.
     `progress(n)` is called after each prompt."""
     options = dict(max_new_tokens=max_new_tokens, sampling=sampling, stop_token_ids=stops)
-    device = getattr(target, "device", torch.device("cpu"))
+    target = as_runtime(target)  # made once for every prompt
+    device = target.info.device
 
     def engine(size: int, index: int) -> Callable[[torch.Tensor], GenerationStats]:
         generator = None if sampling.greedy else torch.Generator(device=device).manual_seed(seed + index)

@@ -39,7 +39,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, draft: bool = True, com
                             "models (one step ~3x faster on a 2-core AVX2 CPU); the rounded weights make it "
                             "a slightly different model, and decoding is exact against plain decoding of "
                             "that model, not of the float32 one (default: float32, the model as loaded)")
-    if compile:  # the single-sequence engine's steps (the server's batched engine keeps its own forward)
+    if compile:
         group.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
@@ -73,7 +73,8 @@ def resolve_draft_path(target: str | None, draft: str | None) -> str | None:
 
 
 def load_models(args: argparse.Namespace, need_drafter: bool = True) -> tuple[Any, Any, Any]:
-    """(target model, tokenizer, drafter or None) from --target/--draft/--device/--dtype."""
+    """(target runtime, tokenizer, drafter or None) from --target/--draft/--device/--dtype/--cpu-weights;
+    with --compile, the runtime's steps are compiled before this returns."""
     from dflash.model.drafter import DFlashDraftModel
     from dflash.runtime.loader import load_target
 
@@ -83,29 +84,27 @@ def load_models(args: argparse.Namespace, need_drafter: bool = True) -> tuple[An
             raise DFlashError("no trained drafter ships for the embedded target yet: pass --draft PATH "
                               "(or --block-size 1 for plain decoding)")
         raise DFlashError(f"--draft is required for target {args.target!r} (or --block-size 1 for plain decoding)")
-    model, tokenizer = load_target(args.target, dtype=args.dtype, device=args.device,
+    runtime, tokenizer = load_target(args.target, dtype=args.dtype, device=args.device,
                                    cpu_weights=getattr(args, "cpu_weights", None),
                                    compile=getattr(args, "compile", False))
     drafter = None
     if draft_path is not None and need_drafter:
-        drafter = DFlashDraftModel.from_pretrained(draft_path, dtype=args.dtype, device=model.device)
+        drafter = DFlashDraftModel.from_pretrained(draft_path, dtype=args.dtype, device=runtime.info.device)
         apply_cpu_weights(drafter, getattr(args, "cpu_weights", None))  # drafts are not checked: only speed changes
     if getattr(args, "compile", False):
         block_size = getattr(args, "block_size", None) or (drafter.block_size if drafter is not None else 1)
-        announce_and_compile(model, drafter, block_size)
-    return model, tokenizer, drafter
+        announce_and_compile(runtime, drafter, block_size)
+    return runtime, tokenizer, drafter
 
 
-def announce_and_compile(model: Any, drafter: Any, block_size: int) -> None:
-    """Compile a `--compile` target's decoding steps now, before any output streams."""
-    from dflash.runtime.lean import compile_steps
-
-    lean = getattr(model, "_dflash_lean", None)
-    if lean is None or lean.compiled is None:
-        return
+def announce_and_compile(runtime: Any, drafter: Any, block_size: int) -> None:
+    """Prepare a `--compile` target's decoding steps now, before any output streams: every block
+    length up to `block_size`, with the drafter's features bound when it drafts."""
+    if drafter is not None and block_size > 1:
+        runtime.bind(drafter.target_layer_ids)
     print("dflash: compiling the target's decoding steps (the first time ~15 s per block length; "
           "cached on disk)...", file=sys.stderr, flush=True)
-    seconds = compile_steps(model, drafter.target_layer_ids if drafter is not None else None, block_size)
+    seconds = runtime.warmup(range(1, block_size + 1))
     print(f"dflash: compiled in {seconds:.1f} s", file=sys.stderr, flush=True)
 
 

@@ -39,18 +39,18 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise DFlashError(str(exc)) from None
     plain_only = args.block_size == 1 and not args.compare
-    model, tokenizer, drafter = load_models(args, need_drafter=not plain_only)
+    runtime, tokenizer, drafter = load_models(args, need_drafter=not plain_only)
     block_size = 1 if plain_only else (args.block_size or drafter.block_size)
     ids = chat_input_ids(tokenizer, args.prompt, system=args.system)
-    stops = stop_token_ids(tokenizer, model)
+    stops = stop_token_ids(tokenizer, runtime)
     options = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop_token_ids=stops)
 
     if args.stats or args.compare:  # first calls pay one-off costs: keep them out of the timings
-        generate(model, drafter, ids, block_size=block_size, max_new_tokens=2, sampling=sampling)
+        generate(runtime, drafter, ids, block_size=block_size, max_new_tokens=2, sampling=sampling)
     stats = GenerationStats()
-    generator = make_generator(args.seed, model.device)
+    generator = make_generator(args.seed, runtime.info.device)
     detokenizer = IncrementalDetokenizer(tokenizer)  # decodes only the new tokens of each step
-    for _ in stream(model, drafter, ids, block_size=block_size, generator=generator, stats=stats,
+    for _ in stream(runtime, drafter, ids, block_size=block_size, generator=generator, stats=stats,
                     draft_threshold=args.draft_threshold, **options):
         sys.stdout.write(detokenizer.add(stats.new_tokens[detokenizer.seen:]))
         sys.stdout.flush()
@@ -59,7 +59,8 @@ def run(args: argparse.Namespace) -> int:
     if args.stats:
         print_stats("dflash" if block_size > 1 else "plain", stats)
     if args.compare:
-        base = generate(model, None, ids, block_size=1, generator=make_generator(args.seed, model.device), **options)
+        base = generate(runtime, None, ids, block_size=1, generator=make_generator(args.seed, runtime.info.device),
+                        **options)
         if args.stats:
             print_stats("plain", base)
         same = base.new_tokens == stats.new_tokens

@@ -21,22 +21,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from dflash.config import DFlashConfig, default_target_layer_ids
+from dflash.runtime.buffers import regrow
 
 if TYPE_CHECKING:  # only for type hints: the engine imports this module, not the reverse
     from dflash.decode.engine import GenerationStats
 
 
 class RMSNorm(nn.Module):
+    """Normalised in float32 (torch's fused `rms_norm`), scaled by the weight in the input's dtype."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
@@ -80,12 +80,15 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 class DraftCache:
-    """Keys and values of the committed context, per layer, in buffers that grow by doubling.
+    """Keys and values of the committed context, per layer, in buffers grown by
+    dflash/runtime/buffers.py's rule.
 
     A draft pass writes the new context entries and then the block's entries after them; only
     `length` advances past the context, so the block is dropped (cropped) for free: the next
     pass overwrites it.
     """
+
+    GROWTH_STEP = 64
 
     def __init__(self, num_layers: int, batch: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype, device: torch.device | str, capacity: int = 256) -> None:
@@ -98,19 +101,11 @@ class DraftCache:
         """Append k, v ([batch, kv_heads, n, head_dim]) after the committed context and return
         everything from position 0 to the end of what was written."""
         end = self.length + k.shape[2]
-        if end > self.keys[layer].shape[2]:
-            self._grow(layer, end)
+        self.keys[layer] = regrow(self.keys[layer], self.length, end, self.GROWTH_STEP)
+        self.values[layer] = regrow(self.values[layer], self.length, end, self.GROWTH_STEP)
         self.keys[layer][:, :, self.length:end] = k
         self.values[layer][:, :, self.length:end] = v
         return self.keys[layer][:, :, :end], self.values[layer][:, :, :end]
-
-    def _grow(self, layer: int, needed: int) -> None:
-        capacity = max(needed, 2 * self.keys[layer].shape[2])
-        for store in (self.keys, self.values):
-            old = store[layer]
-            new = old.new_empty(old.shape[:2] + (capacity,) + old.shape[3:])
-            new[:, :, : self.length] = old[:, :, : self.length]
-            store[layer] = new
 
     def crop(self, length: int) -> None:
         self.length = min(self.length, length)
@@ -318,7 +313,7 @@ class DFlashDraftModel(nn.Module):
     @torch.no_grad()
     def draft(
         self,
-        target: Any,                # dflash.runtime.TargetAdapter: embedding table and LM head
+        target: Any,                # a TargetRuntime (dflash/runtime/base.py): embedding table and LM head
         block_ids: torch.Tensor,    # [b, B]: anchor then masks
         context_features: torch.Tensor,  # [b, n_new, len(ids) * hidden]
         cache: DraftCache,
@@ -350,11 +345,12 @@ class DFlashDraftModel(nn.Module):
         noise = target.embed(block_ids).to(self.dtype)
         hidden = self(noise, context_features.to(self.dtype), positions[0], positions[1], cache, attn_mask)
         hidden = hidden[:, 1:n_block]
+        vocab_size = target.info.vocab_size
         if self.draft_vocab is None:
-            return Drafts(target.lm_head(hidden), None, target.vocab_size)
+            return Drafts(target.lm_head(hidden), None, vocab_size)
         if self.draft_vocab.device != hidden.device:  # moved once: the target caches its rows by identity
             self.draft_vocab = self.draft_vocab.to(hidden.device)
-        return Drafts(target.lm_head(hidden, vocab=self.draft_vocab), self.draft_vocab, target.vocab_size)
+        return Drafts(target.lm_head(hidden, vocab=self.draft_vocab), self.draft_vocab, vocab_size)
 
     def propose(self, target: Any, block_ids: torch.Tensor, context_features: torch.Tensor, cache: DraftCache,
                 positions: tuple[torch.Tensor, torch.Tensor] | None = None,

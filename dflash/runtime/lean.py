@@ -12,8 +12,8 @@ fewer, larger operators:
 - hidden states kept only for the layers the drafter reads, the LM head only on the positions
   asked for.
 It keeps its own cache (`LeanCache`: fixed-capacity buffers and one length, so a step's cache
-bookkeeping is a few integer updates) and serves the single-sequence engine; the batched engine,
-with its ragged masks and per-layer caches, keeps the transformers forward.
+bookkeeping is a few integer updates). `LeanRuntime` puts it behind the runtime interface
+(dflash/runtime/base.py), one LeanCache per row.
 
 It is the fp16 target's own forward: verification and plain decoding both go through it, so
 speculative decoding stays exact against plain decoding of this model.
@@ -22,12 +22,17 @@ speculative decoding stays exact against plain decoding of this model.
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 
+from dflash.errors import DFlashError
 from dflash.runtime import native
+from dflash.runtime.base import StepOutput
+from dflash.runtime.buffers import grown, regrow
+from dflash.runtime.hf import ModelRuntime, step_output
 from dflash.runtime.packed import PackedFp16Linear, weight_of
 
 LEAN_MODEL_TYPES = {"llama"}
@@ -35,11 +40,6 @@ COMPILED_MAX_TOKENS = 16  # longer inputs (prompts) take the eager forward
 COMPILED_CAPACITY_STEP = 2048  # cache buffers of compiled graphs grow by this (a new graph each time)
 EAGER_CAPACITY_STEP = 256
 ROPE_TABLE_STEP = 2048
-
-
-def _grown(needed: int, step: int) -> int:
-    """A new buffer's size: twice what is needed, rounded up to a multiple of `step`."""
-    return -(-2 * needed // step) * step
 
 
 def _fused(*linears: torch.nn.Module) -> PackedFp16Linear:
@@ -67,7 +67,7 @@ class LeanLayer:
 
 class LeanLlama:
     """The forward of a Llama-architecture causal LM for one or more rows of equal length
-    (no padding mask), fed and read like the transformers model by `TargetAdapter`."""
+    (no padding mask), fed and read like the transformers model by `LeanRuntime`."""
 
     def __init__(self, model: Any) -> None:
         config = model.config
@@ -119,7 +119,7 @@ class LeanLlama:
         self.compiled = torch.compile(self._run, dynamic=False, options={"split_reductions": False})
 
     def new_cache(self) -> "LeanCache":
-        """An empty cache for this forward (the single-sequence engine's; rolled back by length)."""
+        """An empty cache for one sequence of this forward (rolled back by length)."""
         step = COMPILED_CAPACITY_STEP if self.compiled is not None else EAGER_CAPACITY_STEP
         return LeanCache(len(self.layers), self.kv_heads, self.head_dim, self.norm.dtype, self.norm.device, step)
 
@@ -128,7 +128,7 @@ class LeanLlama:
         computed once by the model's own rotary module (per position, the same numbers as
         calling it on those positions: ~0.3 ms a step saved)."""
         if self._rope_table is None or past + n > self._rope_table[0].shape[1]:
-            positions = torch.arange(_grown(past + n, ROPE_TABLE_STEP), device=self.norm.device)
+            positions = torch.arange(grown(past + n, ROPE_TABLE_STEP), device=self.norm.device)
             cos, sin = self.rotary(self.norm, positions[None])  # (the first argument only gives the dtype)
             self._rope_table = (cos.unsqueeze(2), sin.unsqueeze(2))
         cos, sin = self._rope_table
@@ -195,8 +195,7 @@ class LeanCache:
     """The lean forward's cache: every layer's keys and values in buffers of one capacity, and
     one length for all layers. Why not a transformers cache: there each layer holds views of its
     filled part, and remaking 60 views after every forward and 60 more at every rollback cost
-    ~1 ms a step on the 2-core CPU. Here a forward and a rollback move one integer. It answers
-    what `CacheRollback.rollback` asks of a cache (`get_seq_length`, `crop`)."""
+    ~1 ms a step on the 2-core CPU. Here a forward and a rollback move one integer."""
 
     def __init__(self, num_layers: int, kv_heads: int, head_dim: int, dtype: torch.dtype, device: torch.device,
                  step: int) -> None:
@@ -212,25 +211,18 @@ class LeanCache:
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.length
 
-    def crop(self, max_length: int) -> None:
-        """Keep the first `max_length` positions; a negative value drops that many (as
-        transformers' caches read it)."""
-        self.length = max(0, self.length + max_length if max_length < 0 else min(self.length, max_length))
-
     def room_for(self, batch: int, new: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The buffers, with room for `new` positions after the cached ones (grown to a multiple of
-        `step`, the cached positions copied over, when they have not)."""
+        """The buffers, with room for `new` positions after the cached ones (regrown by
+        dflash/runtime/buffers.py's rule, the cached positions copied over, when they have not)."""
         rows = self.rooms[0][0].shape[0] if self.rooms else batch
         if rows != batch and self.length:
             raise ValueError(f"this cache holds {rows} rows; got {batch}")
-        if rows != batch or self.length + new > self.capacity:
-            shape = (batch, self.kv_heads, _grown(self.length + new, self.step), self.head_dim)
-            rooms = [(torch.empty(shape, dtype=self.dtype, device=self.device),
-                      torch.empty(shape, dtype=self.dtype, device=self.device)) for _ in range(self.num_layers)]
-            for (keys, values), (old_keys, old_values) in zip(rooms, self.rooms if self.length else []):
-                keys[:, :, :self.length] = old_keys[:, :, :self.length]
-                values[:, :, :self.length] = old_values[:, :, :self.length]
-            self.rooms = rooms
+        if rows != batch:
+            self.rooms = []
+        like = torch.empty(batch, self.kv_heads, 0, self.head_dim, dtype=self.dtype, device=self.device)
+        old = self.rooms or [(None, None)] * self.num_layers
+        self.rooms = [(regrow(keys, self.length, self.length + new, self.step, like),
+                       regrow(values, self.length, self.length + new, self.step, like)) for keys, values in old]
         return self.rooms
 
     def keys(self, layer: int) -> torch.Tensor:
@@ -255,32 +247,90 @@ def _attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, keys: torc
         scale=scale, is_causal=mask is None and n > 1, enable_gqa=True)
 
 
-def compile_steps(model: Any, feature_layers: list[int] | None, block_size: int) -> float:
-    """Run every step shape a decoding will ask of a compiled target once, so compilation
-    happens here rather than mid-stream: plain one-token steps, and with a drafter's
-    `feature_layers` every block length up to `block_size` (a threshold or the token budget can
-    shorten a block). Returns the seconds it took."""
-    from dflash.runtime.adapter import TargetAdapter
+@dataclass
+class LeanRows:
+    """A LeanRuntime cache: one LeanCache per row, and the tokens the last step ran per row."""
 
-    start = time.perf_counter()
-    runs = [([], [1])] + ([(feature_layers, range(1, block_size + 1))] if feature_layers else [])
-    prompt = torch.zeros(1, COMPILED_MAX_TOKENS + 1, dtype=torch.long, device=model.device)  # eager
-    for layer_ids, lengths in runs:
-        adapter = TargetAdapter(model, layer_ids)
-        cache = adapter.new_cache()
-        adapter.forward(prompt, cache, logits_to_keep=1, features=bool(layer_ids))
-        for n in lengths:
-            adapter.forward(prompt[:, :n], cache, features=bool(layer_ids))
-            adapter.rollback(cache, prompt.shape[1])
-    return time.perf_counter() - start
+    rows: dict[int, LeanCache] = field(default_factory=dict)
+    ran: dict[int, int] = field(default_factory=dict)
+    next_id: int = 0
 
 
-def lean_forward_for(model: Any) -> LeanLlama | None:
-    """The lean forward of a packed fp16 CPU target (its weights are the packed ones, fused),
-    or None where it does not apply (other architectures keep the transformers forward)."""
-    if getattr(model.config, "model_type", None) not in LEAN_MODEL_TYPES:
-        return None
-    try:
-        return LeanLlama(model)
-    except (ValueError, AttributeError):
-        return None
+class LeanRuntime(ModelRuntime):
+    """The lean fp16 forward of a packed Llama-architecture target behind the runtime interface.
+
+    A step runs its rows one after another, each on its own cache: a row's numbers then never
+    depend on the other rows (fbgemm's AVX2 kernels change an ulp or two with the row count), so
+    a row decodes in a batch exactly as alone, rows of any lengths need no padding mask, and the
+    compiled graphs keep their one-row shapes. (Batching rows into one product is the faster
+    layout for many rows; it would need per-row attention and would give up that exactness.)"""
+
+    def __init__(self, model: Any, compile: bool = False) -> None:
+        super().__init__(model)
+        self.lean = LeanLlama(model)
+        if compile:
+            self.lean.compile()
+
+    def new_cache(self, max_rows: int = 1) -> LeanRows:
+        return LeanRows()
+
+    def _run(self, row: LeanCache, ids: torch.Tensor, logits_to_keep: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        logits, kept = self.lean(ids, row, logits_to_keep, self.feature_layers)
+        return logits, torch.cat(kept, dim=-1) if kept else None
+
+    def prefill(self, cache: LeanRows, ids: torch.Tensor, *, logits: bool = False) -> tuple[int, StepOutput]:
+        row = self.lean.new_cache()
+        out, feats = self._run(row, ids.reshape(1, -1).to(self.info.device), 1)
+        rid, cache.next_id = cache.next_id, cache.next_id + 1
+        cache.rows[rid] = row
+        return rid, step_output(out, feats, logits)
+
+    def step(self, cache: LeanRows, rows: Sequence[int], ids: torch.Tensor, *, logits: bool = False) -> StepOutput:
+        if cache.ran:
+            raise RuntimeError("commit the last step first")
+        outs = [self._run(cache.rows[r], ids[i:i + 1], 0) for i, r in enumerate(rows)]
+        cache.ran = {r: ids.shape[1] for r in rows}
+        feats = None if outs[0][1] is None else torch.cat([f for _, f in outs])
+        return step_output(torch.cat([o for o, _ in outs]), feats, logits)
+
+    def commit(self, cache: LeanRows, rows: Sequence[int], keep: Sequence[int]) -> None:
+        for r, k in zip(rows, keep):
+            ran = cache.ran.pop(r)
+            if not 0 <= k <= ran:
+                raise ValueError(f"keep {k} is outside the step's 0..{ran} tokens")
+            cache.rows[r].length -= ran - int(k)
+        if cache.ran:
+            raise ValueError(f"rows {sorted(cache.ran)} ran in the step and were not committed")
+
+    def drop(self, cache: LeanRows, rows: Sequence[int]) -> None:
+        for r in rows:
+            del cache.rows[r]
+
+    def warmup(self, block_sizes: Sequence[int]) -> float:
+        """Compile (or read from inductor's disk cache) every step shape a decoding with the bound
+        features will ask for: each block length in `block_sizes` (a threshold or the token budget
+        can shorten a block). Returns the seconds it took; nothing to do when not compiled."""
+        if self.lean.compiled is None:
+            return 0.0
+        start = time.perf_counter()
+        cache = self.new_cache()
+        row, _ = self.prefill(cache, torch.zeros(COMPILED_MAX_TOKENS + 1, dtype=torch.long))  # (eager)
+        for n in sorted(set(block_sizes)):
+            self.step(cache, [row], torch.zeros(1, n, dtype=torch.long, device=self.info.device))
+            self.commit(cache, [row], [0])
+        return time.perf_counter() - start
+
+
+def lean_runtime(model: Any, compile: bool = False) -> LeanRuntime | None:
+    """The lean runtime of a packed fp16 CPU target, or None where the lean forward does not
+    apply (other architectures keep the transformers forward; `compile` then is refused)."""
+    runtime = None
+    if getattr(model.config, "model_type", None) in LEAN_MODEL_TYPES:
+        try:
+            runtime = LeanRuntime(model, compile)
+        except (ValueError, AttributeError):
+            pass
+    if runtime is None and compile:
+        raise DFlashError(f"--compile covers Llama-architecture targets (the lean forward), not "
+                          f"{getattr(model.config, 'model_type', type(model).__name__)!r}")
+    return runtime

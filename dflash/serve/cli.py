@@ -26,9 +26,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model_positional", nargs="?", default=None, metavar="TARGET",
                    help="target model, as `vllm serve TARGET` takes it (same as --target)")
-    add_model_arguments(p, compile=False)
+    add_model_arguments(p)
     p.add_argument("--block-size", type=int, default=None,
                    help="draft block size, 1 = plain decoding (default: the drafter's trained size)")
+    p.add_argument("--draft-threshold", type=float, default=0.0, metavar="P",
+                   help="verify only the leading drafts whose top probabilities, multiplied up, stay >= P "
+                        "(for a batch: the longest such prefix among its rows); same output (default: 0 = the "
+                        "whole block; 0.1 with --cpu-weights fp16 --block-size 4 on a CPU)")
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='vLLM style: {"method": "dflash", "model": DRAFTER, "num_speculative_tokens": N} '
                         "(block size N + 1)")
@@ -91,12 +95,13 @@ def build(args: argparse.Namespace) -> tuple[Any, str]:
     block = getattr(args, "block_size", None)
     if block is not None and block < 1:
         raise DFlashError("--block-size must be at least 1")
-    model, tokenizer, drafter = load_models(args, need_drafter=block != 1)
+    runtime, tokenizer, drafter = load_models(args, need_drafter=block != 1)
     block = 1 if drafter is None else (block or drafter.block_size)
     if drafter is not None and block > drafter.block_size:
         raise DFlashError(f"--block-size {block} exceeds the {drafter.block_size} this drafter was trained for")
-    scheduler = Scheduler(model, drafter if block > 1 else None, tokenizer, block_size=block,
-                          stop_token_ids=stop_token_ids(tokenizer, model),
+    scheduler = Scheduler(runtime, drafter if block > 1 else None, tokenizer, block_size=block,
+                          stop_token_ids=stop_token_ids(tokenizer, runtime),
+                          draft_threshold=getattr(args, "draft_threshold", 0.0),
                           max_queue=getattr(args, "max_queue", 64),
                           max_batch_size=getattr(args, "max_batch_size", 8), metrics=ServerMetrics())
     name = getattr(args, "served_model_name", None) or args.target or DEFAULT_TARGET
@@ -134,10 +139,10 @@ def run_chat(args: argparse.Namespace) -> int:
         sampling = SamplingParams(args.temperature, args.top_p, args.top_k)
     except ValueError as exc:
         raise DFlashError(str(exc)) from None
-    model, tokenizer, drafter = load_models(args, need_drafter=args.block_size != 1)
+    runtime, tokenizer, drafter = load_models(args, need_drafter=args.block_size != 1)
     block = 1 if drafter is None else (args.block_size or drafter.block_size)
-    stops = stop_token_ids(tokenizer, model)
-    generator = make_generator(args.seed, model.device)
+    stops = stop_token_ids(tokenizer, runtime)
+    generator = make_generator(args.seed, runtime.info.device)
     history: list[dict[str, str]] = []
     show_stats = False
     print("dflash chat: /reset clears the history, /stats toggles statistics, /exit quits", flush=True)
@@ -166,7 +171,7 @@ def run_chat(args: argparse.Namespace) -> int:
         reply = ""
         sys.stdout.write("assistant> ")
         try:
-            for _ in stream(model, drafter, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling,
+            for _ in stream(runtime, drafter, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling,
                             block_size=block, stop_token_ids=stops, generator=generator, stats=stats,
                             draft_threshold=args.draft_threshold):
                 text = detokenizer.add(stats.new_tokens[detokenizer.seen:])

@@ -114,14 +114,16 @@ class Scheduler:
     """Owns the models; `submit` from the event loop, decoding happens on the worker thread."""
 
     def __init__(self, target: Any, drafter: Any, tokenizer: Any, *, block_size: int, stop_token_ids: list[int],
-                 max_queue: int = 64, max_batch_size: int = 8, metrics: Any = None) -> None:
+                 max_queue: int = 64, max_batch_size: int = 8, metrics: Any = None,
+                 draft_threshold: float = 0.0) -> None:
         self.target, self.drafter, self.tokenizer = target, drafter, tokenizer
         self.block_size = block_size if drafter is not None else 1
         self.stop_token_ids = stop_token_ids
         self.metrics = metrics
         self.max_queue = max_queue
         self.engine = BatchEngine(target, drafter if self.block_size > 1 else None, block_size=self.block_size,
-                                  stop_token_ids=stop_token_ids, max_batch_size=max_batch_size)
+                                  stop_token_ids=stop_token_ids, max_batch_size=max_batch_size,
+                                  draft_threshold=draft_threshold)
         self._inbox: queue.Queue[RequestHandle | None] = queue.Queue()
         self._pending = 0          # queued + running
         self._lock = threading.Lock()

@@ -67,8 +67,8 @@ def run_data(args: argparse.Namespace) -> int:
     if not todo:
         return 0
     torch.manual_seed(args.seed)
-    model, tokenizer = load_target(args.target, dtype=args.dtype, device=args.device, cpu_weights=args.cpu_weights)
-    n = regenerate(todo, model, tokenizer, out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+    runtime, tokenizer = load_target(args.target, dtype=args.dtype, device=args.device, cpu_weights=args.cpu_weights)
+    n = regenerate(todo, runtime.model, tokenizer, out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
                    temperature=args.temperature, progress=not args.no_progress)
     print(f"dflash data: wrote {n} conversations to {out}")
     return 0

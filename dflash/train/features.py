@@ -1,5 +1,5 @@
-"""Frozen target features for training: one no-grad forward per sequence that runs only the
-target layers the drafter reads, optionally cached on disk for later epochs."""
+"""Frozen target features for training, computed by the target's runtime (the numbers decoding
+feeds the drafter), optionally cached on disk for later epochs."""
 
 from __future__ import annotations
 
@@ -8,49 +8,31 @@ from typing import Any
 
 import torch
 
-from dflash.runtime.adapter import TargetAdapter
+from dflash.runtime.loader import as_runtime
 
 
 class TargetFeatures:
-    """`features(ids)` -> [1, n, len(layer_ids) * hidden], exactly what decoding feeds the drafter.
-
-    Layers past the deepest one read are skipped, except one: a Hugging Face decoder applies its
-    final norm to the last hidden state it returns, so the deepest layer read must not be last.
-    """
+    """`features(ids)` -> [1, n, len(layer_ids) * hidden], exactly what decoding feeds the drafter:
+    the runtime's own `features` (each sequence prefilled as decoding prefills a prompt). Binds
+    `layer_ids` on the runtime."""
 
     def __init__(self, target: Any, layer_ids: list[int], cache_dir: str | Path | None = None) -> None:
-        self.adapter = TargetAdapter.wrap(target, layer_ids)
+        self.runtime = as_runtime(target)
         self.layer_ids = list(layer_ids)
-        self.decoder = target.get_decoder() if hasattr(target, "get_decoder") else None
-        self.keep = min(max(layer_ids) + 2, self.adapter.num_layers)
+        self.runtime.bind(self.layer_ids)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         if self.cache_dir:
             self.cache_dir.mkdir(parents=True, exist_ok=True)
 
-    @torch.no_grad()
     def compute(self, seqs: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Features of a few sequences (each ids: [n]) on the target's device, in one forward:
-        right-padded, so causal attention keeps every real position blind to the padding."""
-        n = max(len(ids) for ids in seqs)
-        batch = torch.zeros(len(seqs), n, dtype=torch.long)
-        for i, ids in enumerate(seqs):
-            batch[i, : len(ids)] = ids
-        batch = batch.to(self.adapter.device)
-        layers = getattr(self.decoder, "layers", None)
-        if layers is None:  # an unusual layout: run the whole model
-            out = self.adapter.model(input_ids=batch, output_hidden_states=True, use_cache=False, logits_to_keep=1)
-        else:
-            self.decoder.layers = layers[: self.keep]
-            try:
-                out = self.decoder(input_ids=batch, output_hidden_states=True, use_cache=False)
-            finally:
-                self.decoder.layers = layers
-        feats = torch.cat([out.hidden_states[i + 1] for i in self.layer_ids], dim=-1)
-        return [feats[i: i + 1, : len(ids)] for i, ids in enumerate(seqs)]
+        """Features of a few sequences (each ids: [n]) on the target's device."""
+        if self.runtime.feature_layers != tuple(self.layer_ids):  # someone else bound the runtime since
+            self.runtime.bind(self.layer_ids)
+        return self.runtime.features(seqs)
 
     def many(self, seqs: list[torch.Tensor], keys: list[str | None]) -> list[torch.Tensor]:
-        """Features of a few sequences ([1, n_i, F] each): cached ones from disk, the rest in one
-        batched forward (stored in bfloat16 to halve the disk: a small, stated approximation)."""
+        """Features of a few sequences ([1, n_i, F] each): cached ones from disk, the rest computed
+        (stored in bfloat16 to halve the disk: a small, stated approximation)."""
         out = [self._load(ids, key) for ids, key in zip(seqs, keys)]
         missing = [i for i, f in enumerate(out) if f is None]
         if missing:
@@ -72,7 +54,7 @@ class TargetFeatures:
         path = self._path(ids, key)
         if path is None or not path.exists():
             return None
-        return torch.load(path).to(self.adapter.device, self.adapter.embedding.weight.dtype)
+        return torch.load(path).to(self.runtime.info.device, self.runtime.info.dtype)
 
     def _store(self, ids: torch.Tensor, key: str | None, feats: torch.Tensor) -> None:
         path = self._path(ids, key)

@@ -223,13 +223,13 @@ def _autocast(device: torch.device):
     return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
 
 
-def block_hidden(drafter: Any, adapter: Any, batch: Batch, block_size: int) -> torch.Tensor:
+def block_hidden(drafter: Any, target: Any, batch: Batch, block_size: int) -> torch.Tensor:
     """The drafter's hidden states at draft positions 1..B-1 of every block, [b, n_a, B-1, H]:
     all blocks of a sequence in one masked forward, each seeing exactly what decoding shows it."""
-    device = adapter.device
+    device = target.info.device
     b = batch.tokens.shape[0]
     with torch.no_grad():
-        noise = adapter.embed(batch.tokens.to(device)).float()
+        noise = target.embed(batch.tokens.to(device)).float()
     n_ctx = batch.hidden.shape[1]
     ctx_pos = torch.arange(n_ctx, device=device).expand(b, n_ctx)
     with _autocast(device):
@@ -238,14 +238,14 @@ def block_hidden(drafter: Any, adapter: Any, batch: Batch, block_size: int) -> t
     return out.view(b, -1, block_size, out.shape[-1])[:, :, 1:]
 
 
-def forward_loss(drafter: Any, adapter: Any, batch: Batch, weights: torch.Tensor,
+def forward_loss(drafter: Any, target: Any, batch: Batch, weights: torch.Tensor,
                  stats: BlockStats | None = None, vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
     """Weighted block loss of one batch, and the number of supervised positions; `stats` (if
     given) collects accuracy and acceptance. With `vocab` (sorted token ids) the softmax ranges
     over those ids and the batch's labels only (a sampled-softmax style shortcut for CPUs)."""
-    device = adapter.device
+    device = target.info.device
     block_size = weights.shape[0] + 1
-    out = block_hidden(drafter, adapter, batch, block_size)
+    out = block_hidden(drafter, target, batch, block_size)
     labels = batch.labels.to(device)
     valid = labels != IGNORE
     n = int(valid.sum())
@@ -254,10 +254,10 @@ def forward_loss(drafter: Any, adapter: Any, batch: Batch, weights: torch.Tensor
     targets = labels[valid]
     with _autocast(device):
         if vocab is None:
-            logits = adapter.lm_head(out[valid])                         # [N, V]
+            logits = target.lm_head(out[valid])                          # [N, V]
         else:
             ids = torch.unique(torch.cat([vocab.to(device), targets]))   # sorted
-            logits = adapter.lm_head(out[valid], vocab=ids)              # [N, len(ids)]
+            logits = target.lm_head(out[valid], vocab=ids)               # [N, len(ids)]
             targets = torch.searchsorted(ids, targets)
     w = weights.to(device).expand_as(labels)[valid]
     loss = block_loss(logits, targets, w)
@@ -315,7 +315,8 @@ class Trainer:
             raise DFlashError("--eval-only evaluates an existing drafter: give --init-from DRAFTER or --resume PATH")
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # float32 target features: TF32 is ample
-        self.model, self.tokenizer = load_target(a.target, dtype=a.target_dtype, device=self.device)
+        self.runtime, self.tokenizer = load_target(a.target, dtype=a.target_dtype, device=self.device)
+        self.model = self.runtime.model
         for p in self.model.parameters():
             p.requires_grad_(False)
 
@@ -341,8 +342,7 @@ class Trainer:
         self.drafter = drafter.to(self.device, torch.float32).train()
         self.config = drafter.config
         self.block_size = self.config.block_size
-        self.features = TargetFeatures(self.model, self.config.target_layer_ids, a.feature_cache)
-        self.adapter = self.features.adapter
+        self.features = TargetFeatures(self.runtime, self.config.target_layer_ids, a.feature_cache)
         self.weights = loss_weights(self.block_size, a.gamma or default_gamma(self.block_size))
         self.loss_vocab: torch.Tensor | None = None  # token ids the training loss ranges over
 
@@ -378,7 +378,7 @@ class Trainer:
                 print(f"dflash train: the loss ranges over the {len(self.loss_vocab)} draft-vocabulary tokens of "
                       f"{a.init_from} plus each batch's labels", flush=True)
         elif a.loss_vocab and not a.eval_only:
-            self.loss_vocab, covered = frequent_tokens(self.train_set, a.loss_vocab, self.adapter.vocab_size, a.seed)
+            self.loss_vocab, covered = frequent_tokens(self.train_set, a.loss_vocab, self.runtime.info.vocab_size, a.seed)
             if self.d.main:
                 print(f"dflash train: the loss ranges over the {len(self.loss_vocab)} most frequent reply tokens "
                       f"(they cover {100 * covered:.2f}% of sampled reply tokens) plus each batch's labels; "
@@ -516,7 +516,7 @@ class Trainer:
             sync = j == len(micro) - 1 or self.d.world == 1
             ctx = self.ddp.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
-                loss, _ = forward_loss(self.ddp, self.adapter, batch, self.weights, stats, self.loss_vocab)
+                loss, _ = forward_loss(self.ddp, self.runtime, batch, self.weights, stats, self.loss_vocab)
                 (loss / len(micro)).backward()
             total += loss.item() / len(micro)
         torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), a.clip)
@@ -537,7 +537,7 @@ class Trainer:
         for i in range(self.d.rank, len(self.eval_set), self.d.world):
             items, anchors = self.load_items(self.eval_set, [i], -1, self.args.anchors_per_seq)
             batch = make_batch(items, anchors, self.block_size, self.config.mask_token_id)
-            loss, n = forward_loss(self.drafter, self.adapter, batch, self.weights, stats, self.loss_vocab)
+            loss, n = forward_loss(self.drafter, self.runtime, batch, self.weights, stats, self.loss_vocab)
             loss_sum += torch.tensor([float(loss) * n, n])
         self.drafter.train()
         if self.d.world > 1:

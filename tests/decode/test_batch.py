@@ -99,14 +99,14 @@ def test_sampling_rows_are_reproducible_and_mix_with_greedy():
 
 
 def test_compaction_keeps_outputs_exact():
-    from dflash.decode import batch as B
+    from dflash.runtime import buffers as B
 
     target = tiny_target("llama")
     torch.manual_seed(5)
     drafter = DFlashDraftModel.from_target(target, num_layers=1, block_size=8)  # random: holes pile up
     engine = BatchEngine(target, drafter, block_size=8, stop_token_ids=[], max_batch_size=4)
     widths = []
-    original = B._compacted
+    original = B.compacted
 
     def spy(owned, slack=2.0):
         owned2, slots = original(owned, slack=0.5)
@@ -114,11 +114,11 @@ def test_compaction_keeps_outputs_exact():
             widths.append((owned.shape[1], owned2.shape[1]))
         return owned2, slots
 
-    B._compacted = spy
+    B.compacted = spy
     try:
         out, _ = run_all(engine, [BatchRequest(i, p, 60) for i, p in enumerate(PROMPTS[:4])])
     finally:
-        B._compacted = original
+        B.compacted = original
     assert widths and all(after < before for before, after in widths)
     for i, p in enumerate(PROMPTS[:4]):
         assert out[i] == greedy_reference(target, torch.tensor([p]), 60)[0, len(p):].tolist()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from helpers import tiny_target
 
-import dflash.decode.engine as engine
+import dflash.decode.step as engine
 from dflash import DFlashDraftModel, SamplingParams, generate
 from dflash.decode.sampling import confident_prefix, greedy_accept, logits_to_probs, rejection_accept, sample
 from dflash.model.drafter import Drafts
