@@ -1,5 +1,8 @@
 """`--compile` mistakes are named, not tracebacks; `dflash serve` does not offer it."""
 
+import io
+import sys
+
 import pytest
 
 from dflash.cli.main import main
@@ -16,8 +19,28 @@ def test_serve_has_no_compile_flag(capsys):
     assert "unrecognized arguments: --compile" in capsys.readouterr().err
 
 
-def test_generate_compiles_before_it_streams(tiny_target_dir, capsys):
+class Recorder(io.TextIOBase):
+    """Stands in for stdout or stderr and notes every write, in one order for both."""
+
+    def __init__(self, name: str, writes: list[tuple[str, str]]) -> None:
+        self.name, self.writes = name, writes
+
+    def write(self, text: str) -> int:
+        self.writes.append((self.name, text))
+        return len(text)
+
+
+def test_generate_compiles_before_it_streams(tiny_target_dir, monkeypatch):
+    writes: list[tuple[str, str]] = []
+    monkeypatch.setattr(sys, "stdout", Recorder("out", writes))
+    monkeypatch.setattr(sys, "stderr", Recorder("err", writes))
     assert main(["generate", "--target", str(tiny_target_dir), "--block-size", "1", "--cpu-weights", "fp16",
                  "--compile", "--max-new-tokens", "8", "hi"]) == 0
-    err = capsys.readouterr().err
-    assert "dflash: compiling the target's decoding steps" in err and "dflash: compiled in" in err
+
+    def first(stream: str, text: str) -> int:
+        return next(i for i, (name, written) in enumerate(writes) if name == stream and text in written)
+
+    compiling = first("err", "dflash: compiling the target's decoding steps")
+    compiled = first("err", "dflash: compiled in")
+    reply = next(i for i, (name, written) in enumerate(writes) if name == "out" and written)
+    assert compiling < compiled < reply

@@ -143,7 +143,9 @@ def test_full_queue_answers_503(tiny_target_dir, tiny_drafter_dir):
         body = {"model": "tiny", "messages": [{"role": "user", "content": "Write a lot."}], "max_tokens": 1500}
         with cf.ThreadPoolExecutor(4) as pool:
             first = pool.submit(httpx.post, url + "/v1/chat/completions", json=body, timeout=120)
+            deadline = time.time() + 60
             while scheduler.depth == 0:
+                assert time.time() < deadline, "the first request never reached the scheduler"
                 time.sleep(0.01)
             second = httpx.post(url + "/v1/chat/completions", json=body, timeout=120)
             assert second.status_code == 503 and "busy" in second.json()["error"]["message"]
