@@ -20,10 +20,11 @@ def _threads(request):
 
 @pytest.fixture(scope="session")
 def smollm():
-    """The embedded SmolLM2-135M-Instruct, float32 on CPU: (model, tokenizer)."""
+    """The embedded SmolLM2-135M-Instruct, float32 on CPU: (transformers model, tokenizer)."""
     from dflash import load_target
 
-    return load_target(device="cpu")
+    runtime, tokenizer = load_target(device="cpu")
+    return runtime.model, tokenizer
 
 
 @pytest.fixture(scope="session")

@@ -169,11 +169,11 @@ def test_draft_vocabulary_round_trips_and_limits_proposals(tmp_path):
     drafter.save_pretrained(str(tmp_path / "d"))
     loaded = DFlashDraftModel.from_pretrained(str(tmp_path / "d"), dtype="float32", device="cpu")
     assert torch.equal(loaded.draft_vocab, torch.arange(0, 128, 3))
-    from dflash.runtime.adapter import TargetAdapter
+    from dflash import TransformersRuntime
 
-    adapter = TargetAdapter(target, loaded.config.target_layer_ids)
-    ids = torch.tensor([[5, 6, 7, 8]])
-    feats = adapter.forward(ids, adapter.new_cache()).features
+    adapter = TransformersRuntime(target)
+    adapter.bind(loaded.config.target_layer_ids)
+    feats = adapter.prefill(adapter.new_cache(), torch.tensor([5, 6, 7, 8]))[1].features
     logits = loaded.propose(adapter, torch.tensor([[9, 1, 1, 1]]), feats, loaded.new_cache())
     assert logits.shape == (1, 3, 128)
     assert bool((logits.argmax(-1) % 3 == 0).all())

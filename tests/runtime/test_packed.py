@@ -6,8 +6,10 @@ import pytest
 import torch
 from helpers import BATCH_PROMPTS, PROMPTS, greedy_reference, oracle_for, run_all, tiny_target
 
-from dflash import DFlashDraftModel, TargetAdapter, chat_input_ids, default_drafter_path, generate, load_target
+from dflash import DFlashDraftModel, chat_input_ids, default_drafter_path, generate, load_target, runtime_for
 from dflash.errors import DFlashError
+from dflash.runtime.hf import TransformersRuntime
+from dflash.runtime.lean import LeanRuntime
 from dflash.runtime.packed import PackedFp16Linear, apply_cpu_weights, pack_fp16_linears
 
 
@@ -52,15 +54,15 @@ def test_refuses_what_it_cannot_pack():
 def test_speculative_equals_plain_on_a_packed_target(family):
     """llama runs the lean forward, qwen3 the packed transformers one: either way drafts of any
     quality give exactly the packed model's own greedy decoding."""
-    model = apply_cpu_weights(tiny_target(family), "fp16")
-    assert (model._dflash_lean is not None) == (family == "llama")
+    model = runtime_for(tiny_target(family), "fp16")
+    assert isinstance(model, LeanRuntime) == (family == "llama")
     torch.manual_seed(1)
-    drafter = DFlashDraftModel.from_target(model, num_layers=1, block_size=8).eval()
+    drafter = DFlashDraftModel.from_target(model.model, num_layers=1, block_size=8).eval()
     for seed in range(3):
         ids = torch.randint(1, 128, (1, 9), generator=torch.Generator().manual_seed(seed))
         plain = generate(model, None, ids, max_new_tokens=48)
         if family != "llama":
-            assert torch.equal(plain.output_ids, greedy_reference(model, ids, 48))
+            assert torch.equal(plain.output_ids, greedy_reference(model.model, ids, 48))
         assert torch.equal(generate(model, drafter, ids, max_new_tokens=48, block_size=8).output_ids, plain.output_ids)
         oracle = oracle_for(drafter, plain.output_ids, wrong_every=2, wrong_at=3)
         stats = generate(model, oracle, ids, max_new_tokens=48, block_size=8)
@@ -72,18 +74,24 @@ def test_lean_forward_computes_what_the_packed_model_computes():
     """The lean Llama forward (fused GEMMs, one RoPE, fused RMSNorm) against the packed
     transformers forward on the same weights: prefill, then a block after the cache, logits and
     the hidden states a drafter reads."""
-    model = apply_cpu_weights(tiny_target("llama", tie_word_embeddings=True), "fp16")
-    adapter = TargetAdapter(model, [0, 2, 3])
-    ids = torch.randint(1, 128, (1, 20), generator=torch.Generator().manual_seed(0))
-    lean_cache, hf_cache = adapter.new_cache(), adapter.new_cache(batched=True)  # (the latter: a transformers cache)
-    for part in (ids[:, :12], ids[:, 12:]):
-        lean = adapter.forward(part, lean_cache)
-        hf = model(input_ids=part, past_key_values=hf_cache, use_cache=True, output_hidden_states=True)
-        torch.testing.assert_close(lean.logits, hf.logits, rtol=1e-4, atol=1e-4)
+    from transformers import DynamicCache
+
+    runtime = runtime_for(tiny_target("llama", tie_word_embeddings=True), "fp16")
+    model = runtime.model
+    runtime.bind([0, 2, 3])
+    ids = torch.randint(1, 128, (20,), generator=torch.Generator().manual_seed(0))
+    cache, hf_cache = runtime.new_cache(), DynamicCache(config=model.config)
+    row, lean = runtime.prefill(cache, ids[:12], logits=True)
+    for part, lean in ((ids[:12], lean), (ids[12:], None)):
+        if lean is None:
+            lean = runtime.step(cache, [row], part[None], logits=True)
+            runtime.commit(cache, [row], [len(part)])
+        hf = model(input_ids=part[None], past_key_values=hf_cache, use_cache=True, output_hidden_states=True)
+        torch.testing.assert_close(lean.logits, hf.logits[:, -lean.logits.shape[1]:], rtol=1e-4, atol=1e-4)
         hf_features = torch.cat([hf.hidden_states[i + 1] for i in (0, 2, 3)], dim=-1)
         torch.testing.assert_close(lean.features, hf_features, rtol=1e-4, atol=1e-4)
-    assert lean_cache.get_seq_length() == hf_cache.get_seq_length() == 20
-    torch.testing.assert_close(lean_cache.keys(3), hf_cache.layers[3].keys, rtol=1e-4, atol=1e-4)
+    assert cache.rows[row].get_seq_length() == hf_cache.get_seq_length() == 20
+    torch.testing.assert_close(cache.rows[row].keys(3), hf_cache.layers[3].keys, rtol=1e-4, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -93,58 +101,65 @@ def smollm_fp16():
 
 def test_shipped_drafter_is_lossless_on_the_fp16_smollm2(smollm_fp16, smollm):
     torch.set_num_threads(2)
-    model, tok = smollm_fp16
+    runtime, tok = smollm_fp16
     drafter = DFlashDraftModel.from_pretrained(str(default_drafter_path()), device="cpu")
     pack_fp16_linears(drafter)
-    assert model._dflash_lean is not None
+    assert isinstance(runtime, LeanRuntime)
     differs = 0
     for prompt in PROMPTS[:4]:
         ids = torch.tensor([chat_input_ids(tok, prompt)])
-        reference = greedy_reference(model, ids, 48)  # the packed transformers forward
-        assert torch.equal(generate(model, None, ids, max_new_tokens=48).output_ids, reference)  # the lean one
-        stats = generate(model, drafter, ids, max_new_tokens=48, block_size=4)
+        reference = greedy_reference(runtime.model, ids, 48)  # the packed transformers forward
+        assert torch.equal(generate(runtime, None, ids, max_new_tokens=48).output_ids, reference)  # the lean one
+        stats = generate(runtime, drafter, ids, max_new_tokens=48, block_size=4)
         assert torch.equal(stats.output_ids, reference)
         assert stats.tau > 1.0
         with torch.no_grad():  # the packed model is a (slightly) different model
-            a = model(ids).logits[0, -1]
+            a = runtime.model(ids).logits[0, -1]
             b = smollm[0](ids).logits[0, -1]
         differs += not torch.equal(a, b)
         torch.testing.assert_close(a, b, rtol=0.05, atol=0.05)
     assert differs == 4
 
 
-def test_batched_engine_on_a_packed_target():
-    """The server's engine (ragged rows, masks: the packed transformers forward) gives every row
-    the packed model's own greedy decoding."""
+@pytest.mark.parametrize("lean", [False, True])
+def test_batched_engine_on_a_packed_target(lean):
+    """The server's engine gives every row the packed model's own greedy decoding through the same
+    runtime: the packed transformers forward (ragged rows, masks) or the lean one (a cache per
+    row), with a draft threshold."""
     from dflash.decode.batch import BatchEngine, BatchRequest
 
-    model = apply_cpu_weights(tiny_target("llama"), "fp16")
+    runtime = runtime_for(tiny_target("llama"), "fp16")
+    if not lean:
+        runtime = TransformersRuntime(runtime.model)
     torch.manual_seed(1)
-    drafter = DFlashDraftModel.from_target(model, num_layers=1, block_size=4)
+    drafter = DFlashDraftModel.from_target(runtime.model, num_layers=1, block_size=4)
     pack_fp16_linears(drafter)
-    engine = BatchEngine(model, drafter, block_size=4, stop_token_ids=[], max_batch_size=4)
+    engine = BatchEngine(runtime, drafter, block_size=4, stop_token_ids=[], max_batch_size=4, draft_threshold=0.05)
     out, _ = run_all(engine, [BatchRequest(i, p, 32) for i, p in enumerate(BATCH_PROMPTS)], join_every=3)
     for i, p in enumerate(BATCH_PROMPTS):
-        assert out[i] == greedy_reference(model, torch.tensor([p]), 32)[0, len(p):].tolist(), i
+        assert out[i] == generate(runtime, None, torch.tensor([p]), max_new_tokens=32).new_tokens, i
 
 
 def test_compiled_steps_compute_what_the_eager_lean_forward_computes():
     """--compile: the decoding steps run as torch.compile'd graphs (prompts stay eager); their
     logits, drafter features and cache writes match the eager lean forward."""
-    from dflash.runtime.lean import compile_steps
-
-    eager = apply_cpu_weights(tiny_target("llama"), "fp16")
-    compiled = apply_cpu_weights(tiny_target("llama"), "fp16", compile=True)
-    assert compiled._dflash_lean.compiled is not None and eager._dflash_lean.compiled is None
-    assert compile_steps(compiled, [0, 2, 3], 3) > 0
-    assert len(compiled._dflash_lean.compile_seconds) == 4  # plain 1-token steps, blocks of 1, 2, 3
-    ids = torch.randint(1, 128, (1, 26), generator=torch.Generator().manual_seed(0))
+    eager = runtime_for(tiny_target("llama"), "fp16")
+    compiled = runtime_for(tiny_target("llama"), "fp16", compile=True)
+    assert compiled.lean.compiled is not None and eager.lean.compiled is None
+    for runtime in (eager, compiled):
+        runtime.bind([0, 2, 3])
+    assert compiled.warmup([1, 2, 3]) > 0
+    assert len(compiled.lean.compile_seconds) == 3  # blocks of 1, 2, 3 with the bound features
+    ids = torch.randint(1, 128, (26,), generator=torch.Generator().manual_seed(0))
     caches = {}
-    for name, model in (("eager", eager), ("compiled", compiled)):
-        adapter = TargetAdapter(model, [0, 2, 3])
-        cache = adapter.new_cache()
-        outs = [adapter.forward(part, cache) for part in (ids[:, :20], ids[:, 20:23], ids[:, 23:24], ids[:, 24:26])]
-        caches[name] = (cache, outs)
+    for name, runtime in (("eager", eager), ("compiled", compiled)):
+        cache = runtime.new_cache()
+        row, first = runtime.prefill(cache, ids[:20], logits=True)
+        outs = [first]
+        for part in (ids[20:23], ids[23:24], ids[24:26]):
+            outs.append(runtime.step(cache, [row], part[None], logits=True))
+            runtime.commit(cache, [row], [len(part)])
+        caches[name] = (cache.rows[row], outs)
     (eager_cache, eager_outs), (compiled_cache, compiled_outs) = caches["eager"], caches["compiled"]
     for a, b in zip(eager_outs, compiled_outs):
         torch.testing.assert_close(b.logits, a.logits, rtol=1e-4, atol=1e-4)
@@ -152,17 +167,17 @@ def test_compiled_steps_compute_what_the_eager_lean_forward_computes():
     assert compiled_cache.get_seq_length() == 26
     torch.testing.assert_close(compiled_cache.values(2), eager_cache.values(2), rtol=1e-4, atol=1e-4)
     with pytest.raises(DFlashError, match="--cpu-weights fp16"):
-        apply_cpu_weights(tiny_target("llama"), "float32", compile=True)
+        runtime_for(tiny_target("llama"), "float32", compile=True)
     with pytest.raises(DFlashError, match="Llama-architecture"):
-        apply_cpu_weights(tiny_target("qwen3"), "fp16", compile=True)
+        runtime_for(tiny_target("qwen3"), "fp16", compile=True)
 
 
 def test_speculative_equals_plain_on_a_compiled_target():
     """Drafts of any quality, verified by compiled steps, give the compiled model's own greedy
     decoding; with a draft threshold the verified block lengths vary and still agree."""
-    model = apply_cpu_weights(tiny_target("llama"), "fp16", compile=True)
+    model = runtime_for(tiny_target("llama"), "fp16", compile=True)
     torch.manual_seed(1)
-    drafter = DFlashDraftModel.from_target(model, num_layers=1, block_size=4).eval()
+    drafter = DFlashDraftModel.from_target(model.model, num_layers=1, block_size=4).eval()
     for seed in range(2):
         ids = torch.randint(1, 128, (1, 9), generator=torch.Generator().manual_seed(seed))
         plain = generate(model, None, ids, max_new_tokens=40)
@@ -185,7 +200,7 @@ def test_compiled_smollm2_decodes_like_the_eager_one(smollm_fp16):
         assert torch.equal(generate(model, None, ids, max_new_tokens=32).output_ids, reference)
         stats = generate(model, drafter, ids, max_new_tokens=32, block_size=4, draft_threshold=0.1)
         assert torch.equal(stats.output_ids, reference)
-    assert len(model._dflash_lean.compile_seconds) >= 3  # one-token steps, with and without features, blocks
+    assert len(model.lean.compile_seconds) >= 3  # one-token steps, with and without features, blocks
 
 
 def test_compiled_code_is_cached_under_dflash_unless_the_user_chose(monkeypatch, tmp_path):
@@ -197,10 +212,10 @@ def test_compiled_code_is_cached_under_dflash_unless_the_user_chose(monkeypatch,
     from dflash.runtime.loader import cache_dir
 
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", default_cache_dir())
-    apply_cpu_weights(tiny_target("llama"), "fp16", compile=True)
+    runtime_for(tiny_target("llama"), "fp16", compile=True)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(cache_dir() / "inductor")
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path))
-    apply_cpu_weights(tiny_target("llama"), "fp16", compile=True)
+    runtime_for(tiny_target("llama"), "fp16", compile=True)
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
 
 
@@ -252,3 +267,22 @@ def test_without_a_compiler_the_native_build_says_so(monkeypatch, tmp_path):
     with pytest.raises(DFlashError, match="no C.. compiler"):
         native._build(tmp_path / "dflash_native.so")
     assert not (tmp_path / "dflash_native.so").exists()
+
+
+def test_generate_calls_hold_no_new_native_slots():
+    """The runtime is made once: decoding again neither repacks the drafter's rows of the LM head
+    nor takes new native slots (each generate once did both)."""
+    from dflash.runtime import native
+
+    if not native.try_load():
+        pytest.skip("no C++ compiler: packed weights hold no native slots")
+    runtime = runtime_for(tiny_target("llama"), "fp16")
+    torch.manual_seed(1)
+    drafter = DFlashDraftModel.from_target(runtime.model, num_layers=1, block_size=4).eval()
+    drafter.draft_vocab = torch.arange(0, 128, 2)
+    ids = torch.tensor([[5, 6, 7]])
+    generate(runtime, drafter, ids, max_new_tokens=8, block_size=4)
+    slots, head = len(native._out_features), runtime._vocab_head
+    for _ in range(10):
+        generate(runtime, drafter, ids, max_new_tokens=8, block_size=4)
+    assert len(native._out_features) == slots and runtime._vocab_head is head

@@ -112,9 +112,9 @@ def test_data_command_on_fp16_cpu_weights(tmp_path, tiny_target_dir):
     out = tmp_path / "fp16.jsonl"
     assert main(["data", str(pool), "--target", str(tiny_target_dir), "--out", str(out), "--max-new-tokens", "8",
                  "--batch-size", "4", "--no-progress", "--device", "cpu", "--cpu-weights", "fp16"]) == 0
-    model, tokenizer = load_target(str(tiny_target_dir), device="cpu", cpu_weights="fp16")
+    runtime, tokenizer = load_target(str(tiny_target_dir), device="cpu", cpu_weights="fp16")
     direct = tmp_path / "direct.jsonl"
-    regenerate(list(enumerate(find_pool(str(pool), None))), model, tokenizer, direct, batch_size=4,
+    regenerate(list(enumerate(find_pool(str(pool), None))), runtime.model, tokenizer, direct, batch_size=4,
                max_new_tokens=8, progress=False)
     assert [r["id"] for r in read_jsonl(out)] == [0, 1, 2, 3]
     assert list(read_jsonl(out)) == list(read_jsonl(direct))

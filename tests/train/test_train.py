@@ -29,13 +29,13 @@ def tiny_args(tiny_target_dir, regen_file, out, *extra: str) -> argparse.Namespa
 
 def test_features_equal_what_decoding_feeds(tiny_target_dir):
     from dflash import load_target
-    from dflash.runtime.adapter import TargetAdapter
 
-    model, _ = load_target(str(tiny_target_dir), device="cpu")
+    runtime, _ = load_target(str(tiny_target_dir), device="cpu")
     ids = torch.randint(5, 1000, (30,))
     for layers in ([0, 2], [1, 3], [3]):
-        want = TargetAdapter(model, layers).forward(ids[None], model.get_decoder() and None, features=True).features
-        got = TargetFeatures(model, layers)(ids)
+        runtime.bind(layers)
+        want = runtime.prefill(runtime.new_cache(), ids)[1].features  # what decoding's prefill feeds
+        got = TargetFeatures(runtime, layers)(ids)
         assert torch.allclose(got, want, atol=1e-5), layers
 
 
@@ -107,13 +107,12 @@ def test_training_blocks_see_what_decoding_shows_the_drafter(tiny_target_dir):
     (context fed in uneven chunks to a draft cache, a throwaway block after each) must give the
     same draft logits for the same anchor: otherwise training teaches a task decoding never asks."""
     from dflash import load_target
-    from dflash.runtime.adapter import TargetAdapter
 
-    model, _ = load_target(str(tiny_target_dir), device="cpu")
+    adapter, _ = load_target(str(tiny_target_dir), device="cpu")
+    model = adapter.model
     torch.manual_seed(0)
     block = 4
     drafter = DFlashDraftModel.from_target(model, num_layers=2, block_size=block, target_layer_ids=[0, 2]).eval()
-    adapter = TargetAdapter.wrap(model, drafter.target_layer_ids)
     ids = torch.randint(5, 1000, (40,))
     loss_mask = torch.arange(40) >= 10
     anchors = torch.tensor([10, 13, 21, 30, 36])
@@ -240,10 +239,10 @@ def test_loss_vocab_subset_matches_full_softmax_when_it_covers_everything(tiny_t
     assert torch.equal(trainer.loss_vocab, trainer.loss_vocab.sort().values)
     items, anchors = trainer.load_items(trainer.train_set, [0, 1], 0, 6)
     batch = T.make_batch(items, anchors, trainer.block_size, trainer.config.mask_token_id)
-    everything = torch.arange(trainer.adapter.vocab_size)
-    full, n = T.forward_loss(trainer.drafter, trainer.adapter, batch, trainer.weights)
-    same, m = T.forward_loss(trainer.drafter, trainer.adapter, batch, trainer.weights, vocab=everything)
-    part, _ = T.forward_loss(trainer.drafter, trainer.adapter, batch, trainer.weights, vocab=trainer.loss_vocab)
+    everything = torch.arange(trainer.runtime.info.vocab_size)
+    full, n = T.forward_loss(trainer.drafter, trainer.runtime, batch, trainer.weights)
+    same, m = T.forward_loss(trainer.drafter, trainer.runtime, batch, trainer.weights, vocab=everything)
+    part, _ = T.forward_loss(trainer.drafter, trainer.runtime, batch, trainer.weights, vocab=trainer.loss_vocab)
     assert n == m > 0
     assert torch.allclose(full.detach(), same.detach(), atol=1e-5)
     assert 0 < part.item() < full.item()
@@ -282,8 +281,8 @@ def test_init_from_with_more_layers_starts_from_the_same_drafts(tiny_target_dir,
     items, anchors = deeper.load_items(deeper.train_set, [0, 1], 0, 6)
     batch = T.make_batch(items, anchors, deeper.block_size, deeper.config.mask_token_id)
     with torch.no_grad():
-        want, _ = T.forward_loss(source, deeper.adapter, batch, deeper.weights)
-        got, _ = T.forward_loss(deeper.drafter, deeper.adapter, batch, deeper.weights)
+        want, _ = T.forward_loss(source, deeper.runtime, batch, deeper.weights)
+        got, _ = T.forward_loss(deeper.drafter, deeper.runtime, batch, deeper.weights)
     assert torch.allclose(got, want, atol=1e-5)
     deeper.train_step()
     assert deeper.drafter.layers[1].mlp.down_proj.weight.abs().sum() > 0
