@@ -76,7 +76,8 @@ class RowOracle(DFlashDraftModel):
 
     def draft(self, target_adapter, block_ids, context_features, cache, positions=None, attn_mask=None):
         logits = super().draft(target_adapter, block_ids, context_features, cache, positions, attn_mask).full_logits()
-        for b, start in enumerate(positions[1][:, 0].tolist()):
+        starts = [cache.length] if positions is None else positions[1][:, 0].tolist()  # (one row: its cache's)
+        for b, start in enumerate(starts):
             rid = self.engine.rows[b].request.rid
             ref = self.refs[rid][0]
             for k in range(1, block_ids.shape[1]):

@@ -154,12 +154,10 @@ class TransformersRuntime(ModelRuntime):
         ids = ids.reshape(1, -1).to(self.info.device)
         n = ids.shape[1]
         hf = self.rollback.new_cache(cache.batched)
-        out, feats, pending = self._forward(ids, hf, logits_to_keep=1)
+        out, feats, _ = self._forward(ids, hf, logits_to_keep=1)  # (a prompt is never rolled back)
         if cache.batched:
-            self.rollback.rollback_rows(hf, [n], pending)
             self._join(cache, hf, n)
         else:
-            self.rollback.rollback(hf, n, pending)
             cache.hf = hf
         row, cache.next_id = cache.next_id, cache.next_id + 1
         cache.ids.append(row)
@@ -225,12 +223,17 @@ class TransformersRuntime(ModelRuntime):
         cache.pending, cache.ran = None, 0
 
     def drop(self, cache: TransformersCache, rows: Sequence[int]) -> None:
+        """Also after a step that failed or was abandoned before its commit: its block is
+        forgotten first, and if even that fails the cache is emptied (every row gone). Rows the
+        cache no longer holds are ignored."""
         if cache.ran:
-            raise RuntimeError("commit the last step before dropping rows")
-        gone = set(cache.index(rows))
-        keep = [i for i in range(len(cache.ids)) if i not in gone]
+            try:
+                self.commit(cache, cache.ids, [0] * len(cache.ids))
+            except Exception:
+                cache.ids = []
+        keep = [i for i, row in enumerate(cache.ids) if row not in set(rows)]
         if not keep:
-            cache.hf, cache.owned, cache.ids, cache.lengths = None, None, [], []
+            cache.hf, cache.owned, cache.ids, cache.lengths, cache.pending, cache.ran = None, None, [], [], None, 0
             return
         if cache.batched:
             index = torch.tensor(keep, device=self.info.device)

@@ -303,8 +303,12 @@ class LeanRuntime(ModelRuntime):
             raise ValueError(f"rows {sorted(cache.ran)} ran in the step and were not committed")
 
     def drop(self, cache: LeanRows, rows: Sequence[int]) -> None:
+        """Also after a step abandoned before its commit (its block is forgotten); rows the cache
+        no longer holds are ignored."""
+        if cache.ran:
+            self.commit(cache, list(cache.ran), [0] * len(cache.ran))
         for r in rows:
-            del cache.rows[r]
+            cache.rows.pop(r, None)
 
     def warmup(self, block_sizes: Sequence[int]) -> float:
         """Compile (or read from inductor's disk cache) every step shape a decoding with the bound

@@ -173,7 +173,8 @@ def test_draft_vocabulary_round_trips_and_limits_proposals(tmp_path):
 
     adapter = TransformersRuntime(target)
     adapter.bind(loaded.config.target_layer_ids)
-    feats = adapter.prefill(adapter.new_cache(), torch.tensor([5, 6, 7, 8]))[1].features
+    ids = torch.tensor([[5, 6, 7, 8]])
+    feats = adapter.prefill(adapter.new_cache(), ids[0])[1].features
     logits = loaded.propose(adapter, torch.tensor([[9, 1, 1, 1]]), feats, loaded.new_cache())
     assert logits.shape == (1, 3, 128)
     assert bool((logits.argmax(-1) % 3 == 0).all())
