@@ -22,6 +22,7 @@ from __future__ import annotations
 import ctypes
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -104,6 +105,7 @@ def library() -> Any:
     lib.dfl_seq_set_length.argtypes = [p, i]
     lib.dfl_forward.argtypes = [p, i, ctypes.POINTER(p), i, p, i, p, p, i, ctypes.POINTER(i), p]
     lib.dfl_set_isa.argtypes = [i]
+    lib.dfl_matmul.argtypes = [i, p, i, i, p, i, p]
     _LIBRARY["lib"] = lib
     return lib
 
@@ -119,6 +121,35 @@ def select_isa(name: str | None = None) -> str:
     if ISAS.index(name) > best:
         raise DFlashError(f"this CPU has no {name} kernels (best: {ISAS[best]})")
     return ISAS[lib.dfl_set_isa(ISAS.index(name))]
+
+
+def gguf_key(path: Path) -> str:
+    """A short key naming one version of a GGUF file (path, size, modification time) in caches."""
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
+def load_tokenizer(path: str | Path) -> Any:
+    """The tokenizer stored in a GGUF file, read once (~10 s) and cached as a tokenizer folder."""
+    from transformers import AutoTokenizer
+
+    from dflash.runtime.loader import cache_dir
+
+    path = Path(path)
+    folder = cache_dir() / "tokenizers" / f"{path.stem}-{gguf_key(path)}"
+    if (folder / "tokenizer_config.json").exists():
+        return AutoTokenizer.from_pretrained(str(folder))
+    tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".saving-"))
+    try:
+        tokenizer.save_pretrained(str(partial))
+        os.replace(partial, folder)  # whole or not at all
+    except OSError:
+        pass  # another process saved it first
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return tokenizer
 
 
 class GGUFFile:
@@ -317,7 +348,7 @@ class GGUFRuntime:
             raise DFlashError(f"the native GGUF runtime refused the step (code {code})")
         for row in rows:
             cache.pending[row] = per_row
-        shape = (n_rows, 1) if head == 1 else (n_rows, per_row)
+        shape = (n_rows, 0) if head == 0 else (n_rows, 1) if head == 1 else (n_rows, per_row)
         out_logits = self._logits[: head_rows * vocab].view(*shape, vocab).clone() if logits else None
         return StepOutput(tokens=tokens.view(shape), logits=out_logits,
                           features=features.view(n_rows, per_row, -1) if features is not None else None)

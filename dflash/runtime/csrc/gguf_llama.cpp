@@ -286,29 +286,36 @@ void tile_portable(const Matrix& w, const Quantized& x, int r0, int g, float* y,
     for (int b = 0; b < w.blocks; ++b) {
         const uint8_t* q = w.q(g, b);
         const size_t s = (size_t(g) * w.blocks + b) * GROUP;
+        float dw[GROUP], mw[GROUP];
+        for (int o = 0; o < GROUP; ++o) {
+            dw[o] = half_to_float(w.d[s + o]);
+            mw[o] = w.type == Q4_1 ? half_to_float(w.m[s + o]) : 0.f;
+        }
         for (int r = 0; r < R; ++r) {
             const size_t at = size_t(r0 + r) * x.blocks + b;
             const int8_t* a = x.q.data() + size_t(r0 + r) * x.k + b * QK;
-            for (int o = 0; o < GROUP; ++o) {
-                int32_t isum = 0;
-                if (w.type == Q8_0) {
-                    for (int i = 0; i < QK; ++i) isum += int8_t(q[(i / 4) * 64 + 4 * o + i % 4]) * a[i];
-                } else {
-                    for (int i = 0; i < 16; ++i) {
+            int32_t isum[GROUP] = {};
+            if (w.type == Q8_0) {
+                for (int i = 0; i < QK; ++i)
+                    for (int o = 0; o < GROUP; ++o) isum[o] += int8_t(q[(i / 4) * 64 + 4 * o + i % 4]) * a[i];
+            } else {
+                for (int i = 0; i < 16; ++i)
+                    for (int o = 0; o < GROUP; ++o) {
                         const uint8_t byte = q[(i / 4) * 64 + 4 * o + i % 4];
-                        isum += (byte & 15) * a[i] + (byte >> 4) * a[i + 16];
+                        isum[o] += (byte & 15) * a[i] + (byte >> 4) * a[i + 16];
                     }
-                    if (w.type == Q4_0) isum -= 8 * x.sum[at];
-                }
-                acc[r][o] = std::fma(float(isum), half_to_float(w.d[s + o]) * x.d[at], acc[r][o]);
-                if (w.type == Q4_1) acc[r][o] = std::fma(half_to_float(w.m[s + o]), x.s[at], acc[r][o]);
+                if (w.type == Q4_0)
+                    for (int o = 0; o < GROUP; ++o) isum[o] -= 8 * x.sum[at];
+            }
+            for (int o = 0; o < GROUP; ++o) {
+                acc[r][o] = std::fma(float(isum[o]), dw[o] * x.d[at], acc[r][o]);
+                if (w.type == Q4_1) acc[r][o] = std::fma(mw[o], x.s[at], acc[r][o]);
             }
         }
     }
     const int n = std::min(GROUP, w.n - g * GROUP);
     for (int r = 0; r < R; ++r) std::memcpy(y + size_t(r0 + r) * ldy + g * GROUP, acc[r], n * sizeof(float));
 }
-
 
 // Rows go through tiles of up to T (the accumulators stay in registers); a group's weights are
 // read from memory by the first tile and from the L1 cache by the others.
@@ -633,6 +640,17 @@ int dfl_isa_detect() {
 int dfl_set_isa(int isa) {
     if (isa >= PORTABLE && isa <= dfl_isa_detect()) g_isa = isa;
     return g_isa;
+}
+
+// For tests: y [rows][n] = x [rows][k] times one GGUF matrix of `type` ([n][k / 32] blocks),
+// through the kernel path in force.
+int dfl_matmul(int type, const void* data, int n, int k, const float* x, int rows, float* y) {
+    Matrix w;
+    if (!repack(w, type, static_cast<const uint8_t*>(data), n, k)) return -2;
+    Quantized q;
+    q.quantize(x, rows, k);
+    matmul(w, q, y, n);
+    return 0;
 }
 
 void* dfl_model_new(const Config* config) {
