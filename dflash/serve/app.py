@@ -31,7 +31,7 @@ def create_app(scheduler: Scheduler, model_name: str, *, api_key: str | None = N
     app = FastAPI(title="dflash", version="1")
     metrics = scheduler.metrics
     tokenizer = scheduler.tokenizer
-    context = getattr(getattr(scheduler.target, "config", None), "max_position_embeddings", None) or 1 << 30
+    context = scheduler.engine.runtime.info.max_positions
     names = {model_name, *aliases}
     started = int(time.time())
 
