@@ -22,7 +22,7 @@ import argparse
 
 import torch
 
-from dflash import DFlashDraftModel, TargetAdapter, chat_input_ids, default_drafter_path, generate, load_target
+from dflash import DFlashDraftModel, chat_input_ids, default_drafter_path, generate, load_target
 from dflash.bench.report import acceptance_summary
 from dflash.datasets import eval_prompts
 from dflash.runtime.loader import stop_token_ids
@@ -42,13 +42,13 @@ def main() -> None:
     args = p.parse_args()
 
     torch.manual_seed(0)
-    model, tokenizer = load_target(None)
+    model, tokenizer = load_target(None, cpu_weights="float32")
     drafter = DFlashDraftModel.from_pretrained(args.draft or str(default_drafter_path()), dtype="float32", device="cpu")
     block = args.block_size or drafter.block_size
     trained = drafter.block_size
     stops = stop_token_ids(tokenizer, model)
     features = TargetFeatures(model, drafter.target_layer_ids)
-    adapter = TargetAdapter.wrap(model, drafter.target_layer_ids)
+    adapter = model  # the runtime: embeddings and LM head
     lengths: list[int] = []
     drafted: list[int] = []
     teacher = BlockStats.zeros(trained)

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from dflash import TargetAdapter, load_target
+from dflash import load_target
 from dflash.runtime.rollback import CacheRollback
 
 
@@ -27,12 +27,11 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=300, help="steps of each kind (default 300)")
     p.add_argument("--prefix", type=int, default=300, help="cached positions before each step (default 300)")
     args = p.parse_args()
-    model, _ = load_target(None, cpu_weights="fp16")
-    lean = model._dflash_lean
-    adapter = TargetAdapter(model, [])
-    rollback = CacheRollback(model, "llama")
-    new = adapter.new_cache()
-    adapter.forward(torch.randint(100, 9000, (1, args.prefix)), new, logits_to_keep=1, features=False)
+    runtime, _ = load_target(None, cpu_weights="fp16")
+    lean = runtime.lean
+    rollback = CacheRollback(runtime.model, "llama")
+    new = lean.new_cache()
+    lean(torch.randint(100, 9000, (1, args.prefix)), new, logits_to_keep=1)
     old = rollback.new_cache()  # a transformers cache, filled to the same length
     like = lean.norm.new_empty((1, lean.kv_heads, 0, lean.head_dim))
     for layer in lean.layers:
@@ -54,7 +53,7 @@ def main() -> None:
         new.room_for(1, n)
         lean.rope(past, n)
         new.length = past + n
-        rollback.rollback(new, past + keep)
+        new.length = past + keep  # (LeanRuntime.commit)
 
     times: dict[str, list[float]] = {"transformers cache, rotary module": [], "LeanCache, RoPE table": []}
     for _ in range(args.steps):

@@ -26,11 +26,9 @@ from typing import Any, Callable
 
 import torch
 
-from dflash import (DFlashDraftModel, TargetAdapter, chat_input_ids, default_drafter_path, generate,
-                    load_target)
+from dflash import DFlashDraftModel, chat_input_ids, default_drafter_path, generate, load_target
 from dflash.datasets import eval_prompts
 from dflash.runtime.loader import embedded_gguf_path
-from dflash.runtime.lean import compile_steps
 from dflash.runtime.packed import PackedFp16Linear, apply_cpu_weights
 
 
@@ -86,19 +84,19 @@ def median_ms(fn: Callable[[], Any], repeats: int = 11) -> float:
 
 
 def step_runner(model: Any, layer_ids: list[int], prompt: torch.Tensor) -> Callable[[int], Callable[[], None]]:
-    """After prefilling `prompt`: for k, a function running one target forward of k tokens (with
-    the drafter's features `layer_ids`, as DFlash verification asks) and rolling the cache back."""
-    adapter = TargetAdapter(model, layer_ids)
-    cache = adapter.new_cache()
-    adapter.forward(prompt, cache, logits_to_keep=1)
-    length = cache.get_seq_length()
+    """After prefilling `prompt` on the runtime `model`: for k, a function running one target step
+    of k tokens (with the drafter's features `layer_ids`, as DFlash verification asks) and
+    rolling the cache back."""
+    model.bind(layer_ids)
+    cache = model.new_cache()
+    row, _ = model.prefill(cache, prompt[0])
 
     def step(k: int) -> Callable[[], None]:
         ids = torch.full((1, k), 28, dtype=torch.long)
 
         def run() -> None:
-            adapter.forward(ids, cache, features=True)
-            adapter.rollback(cache, length)
+            model.step(cache, [row], ids)
+            model.commit(cache, [row], [0])
         return run
     return step
 
@@ -114,7 +112,7 @@ def time_hf(model: Any, prompts: list[torch.Tensor], n: int) -> tuple[float, lis
     outputs, elapsed = [], 0.0
     for ids in prompts:
         t = time.perf_counter()
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
+        out = model.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=n,
                              min_new_tokens=n, eos_token_id=None, pad_token_id=0, top_p=None, top_k=None,
                              temperature=None)
         elapsed += time.perf_counter() - t
@@ -200,9 +198,10 @@ def main() -> None:
     for weights, (model, _) in models.items():
         drafter = drafters[weights]
         if variants[weights][1]:
-            results[f"compile_s_{weights}"] = compile_steps(model, drafter.target_layer_ids, args.block_size)
+            model.bind(drafter.target_layer_ids)
+            results[f"compile_s_{weights}"] = model.warmup(range(1, args.block_size + 1))
             print(f"[{weights}] compiled the decoding steps in {results[f'compile_s_{weights}']:.1f} s", flush=True)
-        weight_bytes = weight_bytes_per_forward(model)
+        weight_bytes = weight_bytes_per_forward(model.model)
         floor_ms = weight_bytes / bandwidth / 1e6
         costs = step_costs(model, drafter.target_layer_ids, prompts[0], tuple(sorted({1, 4, 8, 16, args.block_size})))
         results[f"step_ms_{weights}"] = costs
