@@ -23,7 +23,7 @@ def smollm():
     """The embedded SmolLM2-135M-Instruct, float32 on CPU: (transformers model, tokenizer)."""
     from dflash import load_target
 
-    runtime, tokenizer = load_target(device="cpu")
+    runtime, tokenizer = load_target(device="cpu", cpu_weights="float32")
     return runtime.model, tokenizer
 
 

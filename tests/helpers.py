@@ -179,3 +179,43 @@ def run_all(engine, requests, join_every=0):
                 done[o.rid] = o.stats
         steps += 1
     return out, done
+
+
+def tiny_gguf(path, arch="llama", kind="Q4_0", layers=1):
+    """A random Llama-architecture GGUF (hidden 64, 4 heads, 2 key/value heads, vocabulary 96) with
+    `kind` linear weights, for the native runtime."""
+    import gguf
+    import numpy as np
+    from gguf import GGMLQuantizationType, quants
+
+    writer = gguf.GGUFWriter(str(path), arch)
+    writer.add_block_count(layers)
+    writer.add_embedding_length(64)
+    writer.add_feed_forward_length(128)
+    writer.add_head_count(4)
+    writer.add_head_count_kv(2)
+    writer.add_layer_norm_rms_eps(1e-5)
+    rng = np.random.default_rng(0)
+
+    def add(name, shape, qtype):
+        values = rng.standard_normal(shape).astype(np.float32)
+        if qtype == "F32":
+            writer.add_tensor(name, values)
+        else:
+            writer.add_tensor(name, quants.quantize(values, GGMLQuantizationType[qtype]),
+                              raw_dtype=GGMLQuantizationType[qtype])
+
+    add("token_embd.weight", (96, 64), "Q8_0")
+    add("output_norm.weight", (64,), "F32")
+    for i in range(layers):
+        for name, shape in (("attn_q", (64, 64)), ("attn_k", (32, 64)), ("attn_v", (32, 64)),
+                            ("attn_output", (64, 64)), ("ffn_gate", (128, 64)), ("ffn_up", (128, 64)),
+                            ("ffn_down", (64, 128))):
+            add(f"blk.{i}.{name}.weight", shape, kind)
+        add(f"blk.{i}.attn_norm.weight", (64,), "F32")
+        add(f"blk.{i}.ffn_norm.weight", (64,), "F32")
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

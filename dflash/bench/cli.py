@@ -11,11 +11,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dflash.cli.common import COMPILE_HELP
+from dflash.cli.common import COMPILE_HELP, CPU_WEIGHTS_HELP
 from dflash.config import DEFAULT_TARGET
 from dflash.datasets import DATA_DIR_ENV, EVAL_SETS
 from dflash.errors import DFlashError
-from dflash.runtime.packed import CPU_WEIGHT_FORMATS
+from dflash.runtime.loader import CPU_WEIGHTS
 
 SERVER_BACKENDS = ("openai", "vllm", "sglang", "llamacpp")
 DEFAULT_MAX_NEW_TOKENS = 256
@@ -49,9 +49,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", default=None, help="cpu, cuda ... (local; default: cuda if available)")
     g.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="local compute dtype (default: float32 on CPU, bfloat16 on GPU)")
-    g.add_argument("--cpu-weights", default="float32", choices=list(CPU_WEIGHT_FORMATS),
-                   help="local CPU target: fp16 stores its linear weights in half precision (faster; a "
-                        "slightly different model, both sides of the speedup use it) (default: float32)")
+    g.add_argument("--cpu-weights", default="auto", choices=list(CPU_WEIGHTS),
+                   help="local: " + CPU_WEIGHTS_HELP + "; both sides of the speedup use it")
     g.add_argument("--compile", action="store_true", help="local: " + COMPILE_HELP)
     g = p.add_argument_group("decoding")
     g.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,

@@ -11,9 +11,17 @@ import torch
 
 from dflash.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TARGET
 from dflash.errors import DFlashError
+from dflash.runtime.loader import CPU_WEIGHTS
 from dflash.runtime.packed import CPU_WEIGHT_FORMATS, apply_cpu_weights
 
 
+CPU_WEIGHTS_HELP = (
+    "how a CPU target computes. gguf: a GGUF target's own quantised weights (Q4_0/Q4_1/Q8_0) through "
+    "dflash's native kernels, no conversion, the fastest; fp16: half-precision weights and a lean "
+    "forward (Llama-architecture); float32: the model as transformers loads it (a GGUF dequantised "
+    "once), the reference precision. Each is a slightly different model; speculative decoding is "
+    "exact against plain decoding of the same one. (default: auto = gguf for a GGUF target such as "
+    "the embedded default, float32 otherwise)")
 COMPILE_HELP = ("with --cpu-weights fp16 on a Llama-architecture target: run its decoding steps through "
                 "torch.compile (~25%% faster a step on a 2-core CPU; needs a C++ compiler, which also builds "
                 "dflash's native step operators once, ~10 s). Each block length compiles once, ~15 s, before "
@@ -21,7 +29,10 @@ COMPILE_HELP = ("with --cpu-weights fp16 on a Llama-architecture target: run its
                 "~/.cache/dflash/inductor)")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, draft: bool = True, compile: bool = True) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, draft: bool = True, compile: bool = True,
+                        native: bool = True) -> None:
+    """--target, --draft, --device, --dtype, --cpu-weights (`native`: with the native GGUF runtime
+    among its choices, the default), --compile."""
     group = parser.add_argument_group("models")
     group.add_argument("--target", default=None, metavar="NAME_OR_PATH",
                        help=f"target model: a Hub id, a local folder or a .gguf file "
@@ -33,12 +44,10 @@ def add_model_arguments(parser: argparse.ArgumentParser, draft: bool = True, com
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     group.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
-    group.add_argument("--cpu-weights", default="float32", choices=list(CPU_WEIGHT_FORMATS),
-                       help="how a CPU target stores its linear weights. fp16: half the bytes read per "
-                            "forward, still computed in float32, and a lean forward for Llama-architecture "
-                            "models (one step ~3x faster on a 2-core AVX2 CPU); the rounded weights make it "
-                            "a slightly different model, and decoding is exact against plain decoding of "
-                            "that model, not of the float32 one (default: float32, the model as loaded)")
+    group.add_argument("--cpu-weights", default="auto" if native else "float32",
+                       choices=list(CPU_WEIGHTS if native else CPU_WEIGHT_FORMATS), help=CPU_WEIGHTS_HELP
+                       if native else "fp16: half-precision linear weights, ~1.8x faster on a 2-core CPU; "
+                       "float32: the model as loaded (default)")
     if compile:
         group.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
@@ -90,11 +99,18 @@ def load_models(args: argparse.Namespace, need_drafter: bool = True) -> tuple[An
     drafter = None
     if draft_path is not None and need_drafter:
         drafter = DFlashDraftModel.from_pretrained(draft_path, dtype=args.dtype, device=runtime.info.device)
-        apply_cpu_weights(drafter, getattr(args, "cpu_weights", None))  # drafts are not checked: only speed changes
+        apply_cpu_weights(drafter, drafter_weights(runtime))
     if getattr(args, "compile", False):
         block_size = getattr(args, "block_size", None) or (drafter.block_size if drafter is not None else 1)
         announce_and_compile(runtime, drafter, block_size)
     return runtime, tokenizer, drafter
+
+
+def drafter_weights(runtime: Any) -> str | None:
+    """How a drafter beside `runtime` stores its weights: fp16 on a CPU whose target is not the
+    float32 reference (drafts are checked by the target: only speed changes), else as loaded."""
+    info = runtime.info
+    return "fp16" if info.device.type == "cpu" and info.precision not in ("float32", "") else None
 
 
 def announce_and_compile(runtime: Any, drafter: Any, block_size: int) -> None:

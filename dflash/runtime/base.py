@@ -33,6 +33,7 @@ class TargetInfo:
     max_positions: int
     device: torch.device
     dtype: torch.dtype        # of embeddings, features and logits handed out
+    precision: str = ""       # how its weights are computed with, for a one-line account ("float32", "fp16", "gguf q4_1")
 
 
 @dataclass

@@ -63,7 +63,7 @@ def _build(library: Path) -> None:
     compiler = _compiler()
     if compiler is None:
         raise DFlashError("the native GGUF runtime needs a C++ compiler (set CXX, or install g++); "
-                          "--target-precision float32 runs without one")
+                          "--cpu-weights float32 runs without one")
     library.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(dir=library.parent, suffix=".so")
     os.close(fd)
@@ -186,6 +186,13 @@ def _type_name(tensor: Any) -> str:
     return tensor.tensor_type.name
 
 
+def _main_type(gguf: GGUFFile) -> str:
+    """The type most of a file's layer weights have (what "a Q4_1 GGUF" means)."""
+    kinds = [_type_name(t) for name, t in gguf.tensors.items() if name.startswith("blk.") and name.endswith(".weight")
+             and len(t.shape) == 2]
+    return max(set(kinds), key=kinds.count) if kinds else "?"
+
+
 class _Cache:
     """The native runtime's cache: one native sequence (keys and values of every layer, a
     length) per row. Rows are dict keys; a step's block length is kept for `commit`."""
@@ -224,11 +231,11 @@ class GGUFRuntime:
         if arch not in ARCHITECTURES:
             raise UnsupportedTargetError(
                 f"the native GGUF runtime runs {', '.join(ARCHITECTURES)} models; {gguf.path.name} is {arch!r} "
-                "(use --target-precision float32)")
+                "(use --cpu-weights float32)")
         scaling = gguf.arch_field("rope.scaling.type", "none")
         if scaling not in ("none", None):
             raise UnsupportedTargetError(f"{gguf.path.name}: rotary scaling {scaling!r} is not supported by the "
-                                         "native GGUF runtime (use --target-precision float32)")
+                                         "native GGUF runtime (use --cpu-weights float32)")
         model_type, neox = ARCHITECTURES[arch]
         hidden = int(gguf.arch_field("embedding_length"))
         heads = int(gguf.arch_field("attention.head_count"))
@@ -244,7 +251,8 @@ class GGUFRuntime:
         self.info = TargetInfo(model_type=model_type, name=str(gguf.path), vocab_size=vocab, hidden_size=hidden,
                                num_layers=self.config.layers,
                                max_positions=int(gguf.arch_field("context_length", 1 << 30)),
-                               device=torch.device("cpu"), dtype=torch.float32)
+                               device=torch.device("cpu"), dtype=torch.float32,
+                               precision="gguf " + _main_type(gguf).lower())
         self.lib = library()
         self.isa = select_isa(isa)
         self.handle = self.lib.dfl_model_new(ctypes.byref(self.config))
@@ -302,7 +310,7 @@ class GGUFRuntime:
             if _type_name(tensor) not in SUPPORTED_TYPES:
                 raise UnsupportedTargetError(
                     f"{self.file.path.name}: {name} is {_type_name(tensor)}; the native GGUF runtime runs "
-                    f"{', '.join(SUPPORTED_TYPES)} weights (use --target-precision float32)")
+                    f"{', '.join(SUPPORTED_TYPES)} weights (use --cpu-weights float32)")
         arrays = [np.ascontiguousarray(t.data) for t in tensors]  # kept alive until repacked
         k = int(tensors[0].shape[0])
         n = len(tensors)

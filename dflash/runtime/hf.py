@@ -24,7 +24,7 @@ import torch
 from dflash.errors import UnsupportedTargetError
 from dflash.runtime import buffers
 from dflash.runtime.base import StepOutput, TargetInfo
-from dflash.runtime.packed import rows_of
+from dflash.runtime.packed import PackedFp16Linear, rows_of
 from dflash.runtime.rollback import CacheRollback
 
 
@@ -53,7 +53,8 @@ class ModelRuntime:
             vocab_size=self.embedding.weight.shape[0], hidden_size=config.hidden_size,
             num_layers=config.num_hidden_layers,
             max_positions=getattr(config, "max_position_embeddings", None) or 1 << 30,
-            device=self.embedding.weight.device, dtype=self.embedding.weight.dtype)
+            device=self.embedding.weight.device, dtype=self.embedding.weight.dtype,
+            precision="fp16" if isinstance(self.head, PackedFp16Linear) else str(self.embedding.weight.dtype)[6:])
         self.feature_layers: tuple[int, ...] = ()
         self._vocab_head: tuple[torch.Tensor, Any] | None = None  # (vocabulary, its rows of the head)
 

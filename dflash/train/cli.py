@@ -27,7 +27,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, help="output file (.jsonl.gz or .jsonl); appended to")
     p.add_argument("--data-dir", default=None, help="datasets folder (default: $DFLASH_DATA_DIR)")
     # --target, --device, --dtype, --cpu-weights (fp16 answers ~1.8x faster on a 2-core CPU)
-    add_model_arguments(p, draft=False, compile=False)
+    add_model_arguments(p, draft=False, compile=False, native=False)  # answers come from transformers' generate
     p.add_argument("--max-new-tokens", type=int, default=512, help="reply length cap per turn (default 512)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--num-prompts", "--limit", dest="limit", type=int, default=None,

@@ -315,7 +315,8 @@ class Trainer:
             raise DFlashError("--eval-only evaluates an existing drafter: give --init-from DRAFTER or --resume PATH")
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # float32 target features: TF32 is ample
-        self.runtime, self.tokenizer = load_target(a.target, dtype=a.target_dtype, device=self.device)
+        self.runtime, self.tokenizer = load_target(a.target, dtype=a.target_dtype, device=self.device,
+                                                   cpu_weights="float32")  # features of the reference model
         self.model = self.runtime.model
         for p in self.model.parameters():
             p.requires_grad_(False)

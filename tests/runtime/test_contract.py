@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import tiny_target
+from helpers import tiny_gguf, tiny_target
 
 from dflash.runtime.base import TargetRuntime
 
@@ -28,9 +28,19 @@ def _lean():
     return runtime_for(tiny_target("llama"), "fp16")
 
 
+def _gguf():
+    import tempfile
+    from pathlib import Path
+
+    from dflash.runtime.gguf import GGUFRuntime
+
+    return GGUFRuntime(tiny_gguf(Path(tempfile.mkdtemp()) / "tiny.gguf", kind="Q4_1", layers=4))
+
+
 RUNTIMES = [
     ("transformers-float32", _transformers),
     ("lean-fp16", _lean),
+    ("native-gguf", _gguf),
 ]
 LAYERS = [0, 3]  # a middle layer and the last one (reported after the final norm)
 

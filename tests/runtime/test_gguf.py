@@ -12,7 +12,9 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType, quants
 
-from dflash.errors import UnsupportedTargetError
+from helpers import tiny_gguf
+
+from dflash.errors import DFlashError, UnsupportedTargetError
 from dflash.runtime import gguf as native
 
 pytestmark = pytest.mark.native
@@ -182,41 +184,9 @@ def test_against_the_float32_model(runtime, prompts, smollm):
     assert (ours - theirs).abs().mean() < 1.0
 
 
-def _tiny_gguf(path, arch="llama", kind="Q4_0"):
-    writer = gguf.GGUFWriter(str(path), arch)
-    writer.add_block_count(1)
-    writer.add_embedding_length(64)
-    writer.add_feed_forward_length(128)
-    writer.add_head_count(4)
-    writer.add_head_count_kv(2)
-    writer.add_layer_norm_rms_eps(1e-5)
-    rng = np.random.default_rng(0)
-
-    def add(name, shape, qtype):
-        values = rng.standard_normal(shape).astype(np.float32)
-        if qtype == "F32":
-            writer.add_tensor(name, values)
-        else:
-            writer.add_tensor(name, quants.quantize(values, GGMLQuantizationType[qtype]),
-                              raw_dtype=GGMLQuantizationType[qtype])
-
-    add("token_embd.weight", (96, 64), "Q8_0")
-    add("output_norm.weight", (64,), "F32")
-    for name, shape in (("attn_q", (64, 64)), ("attn_k", (32, 64)), ("attn_v", (32, 64)), ("attn_output", (64, 64)),
-                        ("ffn_gate", (128, 64)), ("ffn_up", (128, 64)), ("ffn_down", (64, 128))):
-        add(f"blk.0.{name}.weight", shape, kind)
-    add("blk.0.attn_norm.weight", (64,), "F32")
-    add("blk.0.ffn_norm.weight", (64,), "F32")
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
-    return path
-
-
 @pytest.mark.parametrize("kind", TYPES)
 def test_tiny_models_of_each_type_run_exactly(tmp_path, kind):
-    rt = native.GGUFRuntime(_tiny_gguf(tmp_path / "tiny.gguf", kind=kind))
+    rt = native.GGUFRuntime(tiny_gguf(tmp_path / "tiny.gguf", kind=kind))
     rt.bind([0])
     ids = torch.tensor([5, 17, 3, 88, 41, 9])
     cache = rt.new_cache()
@@ -233,6 +203,18 @@ def test_tiny_models_of_each_type_run_exactly(tmp_path, kind):
 
 def test_refuses_unsupported_architecture_and_type(tmp_path):
     with pytest.raises(UnsupportedTargetError, match="'gpt2'"):
-        native.GGUFRuntime(_tiny_gguf(tmp_path / "a.gguf", arch="gpt2"))
+        native.GGUFRuntime(tiny_gguf(tmp_path / "a.gguf", arch="gpt2"))
     with pytest.raises(UnsupportedTargetError, match="Q5_0"):
-        native.GGUFRuntime(_tiny_gguf(tmp_path / "b.gguf", kind="Q5_0"))
+        native.GGUFRuntime(tiny_gguf(tmp_path / "b.gguf", kind="Q5_0"))
+
+
+def test_load_target_runs_a_gguf_natively_by_default(tmp_path):
+    from dflash import load_target
+
+    runtime, tokenizer = load_target()
+    assert isinstance(runtime, native.GGUFRuntime) and runtime.info.precision == "gguf q4_1"
+    assert tokenizer.decode(tokenizer("7 times 8")["input_ids"]) == "7 times 8"
+    with pytest.raises(DFlashError, match="runs a GGUF target"):
+        load_target(str(tmp_path), cpu_weights="gguf")
+    with pytest.raises(UnsupportedTargetError, match="'gpt2'"):
+        load_target(str(tiny_gguf(tmp_path / "g.gguf", arch="gpt2")), cpu_weights="gguf")
