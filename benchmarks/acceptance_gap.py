@@ -48,7 +48,6 @@ def main() -> None:
     trained = drafter.block_size
     stops = stop_token_ids(tokenizer, model)
     features = TargetFeatures(model, drafter.target_layer_ids)
-    adapter = model  # the runtime: embeddings and LM head
     lengths: list[int] = []
     drafted: list[int] = []
     teacher = BlockStats.zeros(trained)
@@ -64,12 +63,12 @@ def main() -> None:
             feats = features(ids)
             for anchors in valid_anchors(supervised).split(32):
                 batch = make_batch([(feats, ids, supervised)], [anchors], trained, drafter.mask_token_id)
-                hidden = block_hidden(drafter, adapter, batch, trained)
+                hidden = block_hidden(drafter, model, batch, trained)
                 vocab = drafter.draft_vocab  # as decoding: only draft-vocabulary tokens are proposed
                 if vocab is None:
-                    guesses = adapter.lm_head(hidden).argmax(-1)
+                    guesses = model.lm_head(hidden).argmax(-1)
                 else:
-                    guesses = vocab[adapter.lm_head(hidden, vocab=vocab).argmax(-1)]
+                    guesses = vocab[model.lm_head(hidden, vocab=vocab).argmax(-1)]
                 teacher.update(guesses[0], batch.labels[0])
         print(f"tau {stats.tau:.2f}  {tokenizer.decode(stats.new_tokens[:50])!r}", flush=True)
     real = [x or 0.0 for x in acceptance_summary(lengths, block, drafted)["per_position_acceptance"]]
