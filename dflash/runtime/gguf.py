@@ -105,7 +105,10 @@ def library() -> Any:
     lib.dfl_seq_set_length.argtypes = [p, i]
     lib.dfl_forward.argtypes = [p, i, ctypes.POINTER(p), i, p, i, p, p, i, ctypes.POINTER(i), p]
     lib.dfl_set_isa.argtypes = [i]
-    lib.dfl_matmul.argtypes = [i, p, i, i, p, i, p]
+    lib.dfl_linear_new.restype = p
+    lib.dfl_linear_new.argtypes = [i, p, i, i]
+    lib.dfl_linear_free.argtypes = [p]
+    lib.dfl_linear.argtypes = [p, p, i, p]
     _LIBRARY["lib"] = lib
     return lib
 
@@ -193,6 +196,32 @@ def _main_type(gguf: GGUFFile) -> str:
     return max(set(kinds), key=kinds.count) if kinds else "?"
 
 
+class NativeLinear:
+    """Some rows of a GGUF matrix as a linear layer run by the native kernels (no gradient)."""
+
+    def __init__(self, lib: Any, kind: str, blocks: np.ndarray, k: int) -> None:
+        blocks = np.ascontiguousarray(blocks)
+        self.lib, self.n, self.k = lib, blocks.shape[0], k
+        self.handle = lib.dfl_linear_new(SUPPORTED_TYPES[kind], blocks.ctypes.data, self.n, k)
+        if not self.handle:
+            raise UnsupportedTargetError(f"the native kernels cannot run {kind} rows of width {k}")
+        weakref.finalize(self, lib.dfl_linear_free, self.handle)
+
+    @classmethod
+    def rows_of(cls, tensor: Any, rows: torch.Tensor | None) -> "NativeLinear":
+        kind = _type_name(tensor)
+        if kind not in SUPPORTED_TYPES:
+            raise UnsupportedTargetError(f"{tensor.name} is {kind}: the native kernels run {', '.join(SUPPORTED_TYPES)}")
+        data = np.asarray(tensor.data)
+        return cls(library(), kind, data if rows is None else data[rows.cpu().numpy()], int(tensor.shape[0]))
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.detach().reshape(-1, self.k).float().contiguous()
+        out = torch.empty(flat.shape[0], self.n)
+        self.lib.dfl_linear(self.handle, flat.data_ptr(), flat.shape[0], out.data_ptr())
+        return out.view(*x.shape[:-1], self.n)
+
+
 class _Cache:
     """The native runtime's cache: one native sequence (keys and values of every layer, a
     length) per row. Rows are dict keys; a step's block length is kept for `commit`."""
@@ -260,7 +289,8 @@ class GGUFRuntime:
         self._load_weights()
         self.feature_layers: tuple[int, ...] = ()
         self._logits = torch.empty(0)
-        self._vocab_head: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._vocab_head: tuple[torch.Tensor | None, NativeLinear] | None = None
+        self._head_name = "output.weight" if "output.weight" in gguf.tensors else "token_embd.weight"  # tied
 
     # --- loading -------------------------------------------------------------------------------
 
@@ -287,8 +317,7 @@ class GGUFRuntime:
                 bias = np.concatenate([self._floats(f"blk.{i}.attn_{x}.bias") for x in "qkv"])
                 self._set_vector(i, 4, bias)
         self._vector(-1, 5, "output_norm.weight")
-        head = "output.weight" if "output.weight" in gguf.tensors else "token_embd.weight"  # tied
-        self._linear(-1, 4, [head])
+        self._linear(-1, 4, ["output.weight" if "output.weight" in gguf.tensors else "token_embd.weight"])
 
     def _floats(self, name: str) -> np.ndarray:
         tensor = self.file.tensor(name)
@@ -397,21 +426,12 @@ class GGUFRuntime:
         self.lib.dfl_embed(self.handle, flat.numel(), flat.data_ptr(), out.data_ptr())
         return out.view(*ids.shape, self.info.hidden_size)
 
-    def head_rows(self, vocab: torch.Tensor) -> torch.Tensor:
-        """The LM head's rows for the token ids in `vocab`, dequantised to float32."""
-        import gguf
-
-        name = "output.weight" if "output.weight" in self.file.tensors else "token_embd.weight"
-        tensor = self.file.tensor(name)
-        rows = np.asarray(tensor.data)[vocab.cpu().numpy()]
-        return torch.from_numpy(gguf.dequantize(rows, tensor.tensor_type).astype(np.float32).reshape(len(vocab), -1))
-
     def lm_head(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
-        if vocab is None:
-            vocab = torch.arange(self.info.vocab_size)
+        """The head's rows for `vocab` (all without one) as quantised in the file, through the
+        native kernels: a drafter's draft-vocabulary logits with the target's own numbers."""
         if self._vocab_head is None or self._vocab_head[0] is not vocab:  # gathered once, not per draft
-            self._vocab_head = (vocab, self.head_rows(vocab))
-        return torch.nn.functional.linear(hidden.float(), self._vocab_head[1])
+            self._vocab_head = (vocab, NativeLinear.rows_of(self.file.tensor(self._head_name), vocab))
+        return self._vocab_head[1](hidden)
 
     def features(self, seqs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if not self.feature_layers:

@@ -642,15 +642,25 @@ int dfl_set_isa(int isa) {
     return g_isa;
 }
 
-// For tests: y [rows][n] = x [rows][k] times one GGUF matrix of `type` ([n][k / 32] blocks),
-// through the kernel path in force.
-int dfl_matmul(int type, const void* data, int n, int k, const float* x, int rows, float* y) {
-    Matrix w;
-    if (!repack(w, type, static_cast<const uint8_t*>(data), n, k)) return -2;
+// One GGUF matrix of `type` ([n][k / 32] blocks, copied) as a linear layer of its own: the
+// drafter's rows of the LM head run through it, with the target's numbers.
+void* dfl_linear_new(int type, const void* data, int n, int k) {
+    auto* w = new Matrix();
+    if (!repack(*w, type, static_cast<const uint8_t*>(data), n, k)) {
+        delete w;
+        return nullptr;
+    }
+    return w;
+}
+
+void dfl_linear_free(void* linear) { delete static_cast<Matrix*>(linear); }
+
+// y [rows][n] = x [rows][k] times the matrix, through the kernel path in force.
+void dfl_linear(void* linear, const float* x, int rows, float* y) {
+    const Matrix& w = *static_cast<Matrix*>(linear);
     Quantized q;
-    q.quantize(x, rows, k);
-    matmul(w, q, y, n);
-    return 0;
+    q.quantize(x, rows, w.k);
+    matmul(w, q, y, w.n);
 }
 
 void* dfl_model_new(const Config* config) {
