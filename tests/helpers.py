@@ -182,8 +182,9 @@ def run_all(engine, requests, join_every=0):
 
 
 def tiny_gguf(path, arch="llama", kind="Q4_0", layers=1):
-    """A random Llama-architecture GGUF (hidden 64, 4 heads, 2 key/value heads, vocabulary 96) with
-    `kind` linear weights, for the native runtime."""
+    """A random GGUF of a Llama-architecture family (`arch`: llama; qwen2 adds q/k/v biases, qwen3
+    q/k norms) with hidden size 64, 4 heads of 16, 2 key/value heads, vocabulary 96, and `kind`
+    linear weights, for the native runtime."""
     import gguf
     import numpy as np
     from gguf import GGMLQuantizationType, quants
@@ -195,10 +196,15 @@ def tiny_gguf(path, arch="llama", kind="Q4_0", layers=1):
     writer.add_head_count(4)
     writer.add_head_count_kv(2)
     writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_vocab_size(96)
+    writer.add_context_length(256)
+    writer.add_rope_freq_base(10000.0)
+    writer.add_key_length(16)
+    writer.add_value_length(16)
     rng = np.random.default_rng(0)
 
     def add(name, shape, qtype):
-        values = rng.standard_normal(shape).astype(np.float32)
+        values = rng.standard_normal(shape).astype(np.float32) * (0.2 if len(shape) == 2 else 1.0)
         if qtype == "F32":
             writer.add_tensor(name, values)
         else:
@@ -212,6 +218,12 @@ def tiny_gguf(path, arch="llama", kind="Q4_0", layers=1):
                             ("attn_output", (64, 64)), ("ffn_gate", (128, 64)), ("ffn_up", (128, 64)),
                             ("ffn_down", (64, 128))):
             add(f"blk.{i}.{name}.weight", shape, kind)
+        if arch == "qwen2":
+            for name, size in (("attn_q", 64), ("attn_k", 32), ("attn_v", 32)):
+                add(f"blk.{i}.{name}.bias", (size,), "F32")
+        if arch == "qwen3":
+            add(f"blk.{i}.attn_q_norm.weight", (16,), "F32")
+            add(f"blk.{i}.attn_k_norm.weight", (16,), "F32")
         add(f"blk.{i}.attn_norm.weight", (64,), "F32")
         add(f"blk.{i}.ffn_norm.weight", (64,), "F32")
     writer.write_header_to_file()
