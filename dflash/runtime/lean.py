@@ -290,6 +290,8 @@ class LeanRuntime(ModelRuntime):
             raise RuntimeError("commit the last step first")
         outs = [self._run(cache.rows[r], ids[i:i + 1], 0) for i, r in enumerate(rows)]
         cache.ran = {r: ids.shape[1] for r in rows}
+        if len(outs) == 1:  # (the single-sequence engine: no copies)
+            return step_output(*outs[0], logits)
         feats = None if outs[0][1] is None else torch.cat([f for _, f in outs])
         return step_output(torch.cat([o for o, _ in outs]), feats, logits)
 
