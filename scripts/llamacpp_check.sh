@@ -116,6 +116,12 @@ rate = {r["n_prompt"]: statistics.median(r["samples_ts"]) for r in rows}  # the 
 print("llama-bench      : " + ", ".join(
     f"pp{n} {ts:.1f} tok/s (a forward costs {n * rate[1] / ts:.2f}x one token)" for n, ts in rate.items()))
 print(f"identical greedy answers, llama.cpp plain vs llama.cpp + DFlash: {same}/{len(a)}")
+for k in a:  # where an answer parts: a near-tie that llama.cpp's batched verify breaks the other way?
+    if a[k] != b[k]:
+        x, y = "\x00".join(a[k]), "\x00".join(b[k])
+        i = next((j for j, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
+        print(f"  prompt {k[1]} parts at character {i} after {x[max(0, i - 40):i]!r}: plain {x[i:i + 20]!r}, "
+              f"DFlash {y[i:i + 20]!r}")
 close = tau is not None and abs(tau - ours) <= 0.10 * ours
 print(f"acceptance within 10 % of this package's tau: {close}")
 ok = same == len(a) and close

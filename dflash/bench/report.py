@@ -145,7 +145,7 @@ LOCAL_COLUMNS = [("dataset", None), ("prompts", "num_prompts"), ("tau", "tau"), 
 HTTP_COLUMNS = [("concurrency", "concurrency"), ("requests", "num_requests"), ("tok/s", "tokens_per_s"),
                 ("speedup", "speedup"), ("TTFT p50 ms", "ttft_ms_p50"), ("TTFT p99 ms", "ttft_ms_p99"),
                 ("ITL p50 ms", "itl_ms_p50"), ("ITL p99 ms", "itl_ms_p99"), ("tau", "tau"),
-                ("drafts accepted", "draft_acceptance_rate")]
+                ("accepted", "draft_acceptance_rate")]
 
 
 def local_rows(summary: dict[str, Any]) -> list[list[str]]:
