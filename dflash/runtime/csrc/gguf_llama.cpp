@@ -30,6 +30,9 @@ namespace {
 
 constexpr int QK = 32;      // values per quantisation block (all supported types)
 constexpr int GROUP = 16;   // weight rows interleaved together
+#ifndef PREFETCH
+#define PREFETCH 8         // blocks of weights requested ahead of their use
+#endif
 enum Type { F32 = 0, F16 = 1, Q4_0 = 2, Q4_1 = 3, Q8_0 = 8 };  // ggml's type ids
 enum Isa { PORTABLE = 0, AVX2 = 1, AVX512 = 2 };
 int g_isa = PORTABLE;  // the kernel path in force (dfl_set_isa)
@@ -179,6 +182,8 @@ void tile_avx512(const Matrix& w, const Quantized& x, int r0, int g, float* y, i
     for (int b = 0; b < w.blocks; ++b) {
         const uint8_t* q = w.q(g, b);
         const size_t s = (size_t(g) * w.blocks + b) * GROUP;
+        if (r0 == 0)  // the first tile streams the weights from memory: ask for them ahead
+            for (int line = 0; line < w.chunk_bytes; line += 64) _mm_prefetch((const char*)q + PREFETCH * w.chunk_bytes + line, _MM_HINT_T0);
         const __m512 dw = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i*)&w.d[s]));
         __m512i u[8];
         if (w.type == Q8_0) {
@@ -227,6 +232,8 @@ void tile_avx2(const Matrix& w, const Quantized& x, int r0, int g, float* y, int
     for (int b = 0; b < w.blocks; ++b) {
         const uint8_t* q = w.q(g, b);
         const size_t s = (size_t(g) * w.blocks + b) * GROUP;
+        if (r0 == 0)  // the first tile streams the weights from memory: ask for them ahead
+            for (int line = 0; line < w.chunk_bytes; line += 64) _mm_prefetch((const char*)q + PREFETCH * w.chunk_bytes + line, _MM_HINT_T0);
         for (int h = 0; h < 2; ++h) {  // weight rows 8h .. 8h+7
             const __m256 dw = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i*)&w.d[s + 8 * h]));
             __m256i u[8];
