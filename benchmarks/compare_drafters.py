@@ -1,7 +1,8 @@
-"""Which drafter decodes fastest on this CPU? One run, the same prompts, every drafter and plain
-decoding interleaved prompt by prompt (machine noise hits all alike), on the compiled fp16
-target: tokens/s, the ratio to plain decoding, tau and the identity of each output with plain
-decoding. Use it to choose among trained drafters (depth, block size, checkpoints), and the
+"""Drafters and draft thresholds against plain decoding, interleaved prompt by prompt, on the compiled fp16 target.
+
+One run, the same prompts, every drafter and plain decoding back to back on each prompt (machine
+noise hits all alike): tokens/s, the ratio to plain decoding, tau and the identity of each
+output with plain decoding. Use it to choose among trained drafters (depth, block size, checkpoints), and the
 draft threshold (several thresholds: every drafter runs at each).
 
     python benchmarks/compare_drafters.py --draft runs/a/drafter runs/b/drafter --prompts 20 --skip 100
@@ -19,12 +20,11 @@ from typing import Any, Sequence
 
 import torch
 
-from dflash import DFlashDraftModel, default_drafter_path, load_target
+from common import drafter as load_drafter, prompts as eval_inputs
+from dflash import default_drafter_path, load_target
 from dflash.cli.common import announce_and_compile
-from dflash.datasets import eval_prompts
 from dflash.decode.engine import generate
-from dflash.runtime.loader import chat_input_ids, stop_token_ids
-from dflash.runtime.packed import pack_fp16_linears
+from dflash.runtime.loader import stop_token_ids
 
 
 def interleaved_runs(model: Any, tokenizer: Any, drafters: dict[str, Any], *, dataset: str = "gsm8k",
@@ -34,8 +34,7 @@ def interleaved_runs(model: Any, tokenizer: Any, drafters: dict[str, Any], *, da
     one table row each. A compiled target compiles its step shapes first, outside the timings."""
     announce_and_compile(model, next(iter(drafters.values())), block_size)
     stops = stop_token_ids(tokenizer, model)
-    rows = eval_prompts(dataset, data_dir, skip + prompts)[skip:]
-    inputs = [torch.tensor([chat_input_ids(tokenizer, turns[0])]) for turns in rows]
+    inputs = eval_inputs(tokenizer, prompts, dataset, skip, data_dir)
     runs = {"(plain decoding)": (None, 0.0)}  # plain first: the reference
     for path, drafter in drafters.items():
         for threshold in thresholds:
@@ -86,10 +85,7 @@ def main() -> None:
     p.add_argument("--data-dir", default=None)
     args = p.parse_args()
     model, tokenizer = compiled_target()
-    drafters = {}
-    for path in args.draft or [str(default_drafter_path())]:
-        drafters[path] = DFlashDraftModel.from_pretrained(path, device="cpu")
-        pack_fp16_linears(drafters[path])
+    drafters = {path: load_drafter(path, "fp16") for path in args.draft or [str(default_drafter_path())]}
     interleaved_runs(model, tokenizer, drafters, dataset=args.dataset, prompts=args.prompts, skip=args.skip,
                      new_tokens=args.new_tokens, block_size=args.block_size, thresholds=args.draft_threshold,
                      data_dir=args.data_dir)

@@ -1,15 +1,18 @@
-"""CPU peers in ONE run on the same GSM8K prompts, so every figure compares as a ratio:
+"""The torch CPU paths (float32, fp16, compiled fp16) against transformers generate, llama.cpp and the bandwidth floor.
+
+One run, the same GSM8K prompts for every method, so every figure compares as a ratio:
 
 - transformers `generate` (greedy), float32 and on the fp16-weight target;
-- this engine's plain decoding (block size 1) and DFlash with the shipped drafter, float32,
+- the engine's plain decoding (block size 1) and DFlash with the shipped drafter, float32,
   with `--cpu-weights fp16`, and with `--cpu-weights fp16 --compile` (compile time reported);
 - llama.cpp on the same GGUF (the embedded Q4_1 file) through `llama-cpp-python`, when that
-  optional extra is installed (pip install llama-cpp-python: it compiles llama.cpp);
+  optional extra is installed (pip install -e ".[llamacpp]": it compiles llama.cpp);
 - the bandwidth floor: measured memory bandwidth / bytes of weights one forward reads;
-- one target step (1 token) against verifying a block, for both weight formats.
+- one target step (1 token) against verifying a block, for each weight format.
 
 Every method decodes the same number of new tokens per prompt (no stop tokens), greedy. The
-engine's outputs are checked identical to `generate` on the same weights.
+engine's outputs are checked identical to `generate` on the same weights. The native GGUF
+runtime (the default CPU path) is measured against llama-server by vs_llama_cpp.py.
 
     python benchmarks/cpu_peers.py --prompts 10 --new-tokens 128
 """
@@ -19,30 +22,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
 
-from dflash import DFlashDraftModel, chat_input_ids, default_drafter_path, generate, load_target
-from dflash.datasets import eval_prompts
+from common import cpu_description, drafter as load_drafter, prompts as gsm8k_prompts, step_costs
+from dflash import generate, load_target
 from dflash.runtime.loader import embedded_gguf_path
-from dflash.runtime.packed import PackedFp16Linear, apply_cpu_weights
-
-
-def cpu_description() -> str:
-    """The CPU's model name and the widest vector ISA torch uses on it (runs differ by machine)."""
-    name = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{name}, {os.cpu_count()} cores, torch kernels {torch.backends.cpu.get_cpu_capability()}"
+from dflash.runtime.packed import PackedFp16Linear
 
 
 def memory_bandwidth_gb_s(gib: float = 1.0, repeats: int = 5) -> float:
@@ -71,41 +60,6 @@ def weight_bytes_per_forward(model: torch.nn.Module) -> int:
             seen.add(id(p))
             total += p.numel() * p.element_size()
     return total
-
-
-def median_ms(fn: Callable[[], Any], repeats: int = 11) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
-
-
-def step_runner(model: Any, layer_ids: list[int], prompt: torch.Tensor) -> Callable[[int], Callable[[], None]]:
-    """After prefilling `prompt` on the runtime `model`: for k, a function running one target step
-    of k tokens (with the drafter's features `layer_ids`, as DFlash verification asks) and
-    rolling the cache back."""
-    model.bind(layer_ids)
-    cache = model.new_cache()
-    row, _ = model.prefill(cache, prompt[0])
-
-    def step(k: int) -> Callable[[], None]:
-        ids = torch.full((1, k), 28, dtype=torch.long)
-
-        def run() -> None:
-            model.step(cache, [row], ids)
-            model.commit(cache, [row], [0])
-        return run
-    return step
-
-
-def step_costs(model: Any, layer_ids: list[int], prompt: torch.Tensor, blocks: tuple[int, ...],
-               repeats: int = 11) -> dict[int, float]:
-    """Median ms of one target forward of k tokens after the prompt, for k in `blocks`."""
-    step = step_runner(model, layer_ids, prompt)
-    return {k: median_ms(step(k), repeats) for k in blocks}
 
 
 def time_hf(model: Any, prompts: list[torch.Tensor], n: int) -> tuple[float, list[list[int]]]:
@@ -188,10 +142,8 @@ def main() -> None:
     variants = {"float32": ("float32", False), "fp16": ("fp16", False), "fp16 compiled": ("fp16", True)}
     models = {name: load_target(device="cpu", cpu_weights=w, compile=c) for name, (w, c) in variants.items()}
     tokenizer = models["float32"][1]
-    drafters = {name: apply_cpu_weights(DFlashDraftModel.from_pretrained(str(default_drafter_path()), device="cpu"), w)
-                for name, (w, _) in variants.items()}  # as `--cpu-weights` does
-    questions = [turns[0] for turns in eval_prompts("gsm8k", args.data_dir, limit=args.prompts)]
-    prompts = [torch.tensor([chat_input_ids(tokenizer, q)]) for q in questions]
+    drafters = {name: load_drafter(cpu_weights=w) for name, (w, _) in variants.items()}  # as `--cpu-weights` does
+    prompts = gsm8k_prompts(tokenizer, args.prompts, data_dir=args.data_dir)
     n, total = args.new_tokens, args.new_tokens * len(prompts)
 
     rows: list[tuple[str, float, str]] = []

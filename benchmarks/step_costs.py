@@ -1,4 +1,4 @@
-"""Where a DFlash step's time goes on this CPU, and the least that verifying B tokens can cost.
+"""Where a DFlash step's time goes on the compiled fp16 CPU path, and the least that verifying B tokens can cost.
 
 Part 1 decodes GSM8K prompts with the shipped drafter on the compiled fp16 target and times,
 per step: the target's forward (verification), the drafter's pass, the cache rollback, and the
@@ -25,12 +25,11 @@ from typing import Any, Callable
 
 import torch
 
-from cpu_peers import median_ms, step_costs, step_runner
-from dflash import DFlashDraftModel, chat_input_ids, default_drafter_path, generate, load_target
+from common import drafter as load_drafter, median_ms, prompts as gsm8k_prompts, step_costs, step_runner
+from dflash import DFlashDraftModel, generate, load_target
 from dflash.cli.common import announce_and_compile
-from dflash.datasets import eval_prompts
 from dflash.runtime.lean import LeanRuntime
-from dflash.runtime.packed import PackedFp16Linear, apply_cpu_weights
+from dflash.runtime.packed import PackedFp16Linear
 
 
 class Timers:
@@ -95,10 +94,9 @@ def main() -> None:
     args = parser.parse_args()
 
     model, tokenizer = load_target(device="cpu", cpu_weights="fp16", compile=True)
-    drafter = apply_cpu_weights(DFlashDraftModel.from_pretrained(str(default_drafter_path()), device="cpu"), "fp16")
+    drafter = load_drafter(cpu_weights="fp16")
     announce_and_compile(model, drafter, max(args.block_size, args.verify_rows))
-    questions = [turns[0] for turns in eval_prompts("gsm8k", args.data_dir, limit=args.prompts)]
-    prompts = [torch.tensor([chat_input_ids(tokenizer, q)]) for q in questions]
+    prompts = gsm8k_prompts(tokenizer, args.prompts, data_dir=args.data_dir)
     decode = dict(max_new_tokens=args.new_tokens, block_size=args.block_size, draft_threshold=args.draft_threshold)
     generate(model, drafter, prompts[0], **{**decode, "max_new_tokens": 16})  # warm-up
 
