@@ -30,6 +30,8 @@ class Recorder(io.TextIOBase):
         return len(text)
 
 
+@pytest.mark.slow
+@pytest.mark.native
 def test_generate_compiles_before_it_streams(tiny_target_dir, monkeypatch):
     writes: list[tuple[str, str]] = []
     monkeypatch.setattr(sys, "stdout", Recorder("out", writes))

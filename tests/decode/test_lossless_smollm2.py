@@ -8,6 +8,7 @@ from dflash import DFlashDraftModel, chat_input_ids, generate
 
 NEW_TOKENS = 128
 BLOCK = 8
+pytestmark = [pytest.mark.slow, pytest.mark.real_model]
 
 
 @pytest.fixture(scope="module")

@@ -139,6 +139,7 @@ def marginal_pvalues(counts, joint):
                                     SamplingParams(temperature=0.8, top_k=5, top_p=0.9)],
                          ids=["t1", "t0.8-topk5-topp0.9"])
 @pytest.mark.parametrize("which", ["untrained", "uniform"])
+@pytest.mark.slow
 def test_speculative_sampling_preserves_target_distribution(tiny_pair, params, which):
     model, untrained, uniform = tiny_pair
     drafter = untrained if which == "untrained" else uniform
@@ -149,6 +150,7 @@ def test_speculative_sampling_preserves_target_distribution(tiny_pair, params, w
     assert min(marginal_pvalues(counts, joint)) > 1e-3
 
 
+@pytest.mark.slow
 def test_confidence_threshold_preserves_target_distribution(tiny_pair):
     """Verifying fewer drafts when the drafter is unsure keeps sampling exact: the rule reads
     the draft distributions, never the drawn tokens."""
@@ -175,6 +177,7 @@ def resample_from_p_accept(draft, q, p, generator=None):
 
 
 @pytest.mark.parametrize("wrong_rule", [exact_match_accept, resample_from_p_accept])
+@pytest.mark.slow
 def test_statistical_test_catches_a_wrong_acceptance_rule(tiny_pair, monkeypatch, wrong_rule):
     monkeypatch.setattr(engine, "rejection_accept", wrong_rule)
     model, _, uniform = tiny_pair

@@ -99,6 +99,7 @@ def smollm_fp16():
     return load_target(device="cpu", cpu_weights="fp16")
 
 
+@pytest.mark.real_model
 def test_shipped_drafter_is_lossless_on_the_fp16_smollm2(smollm_fp16, smollm):
     torch.set_num_threads(2)
     runtime, tok = smollm_fp16
@@ -140,6 +141,7 @@ def test_batched_engine_on_a_packed_target(lean):
         assert out[i] == generate(runtime, None, torch.tensor([p]), max_new_tokens=32).new_tokens, i
 
 
+@pytest.mark.native
 def test_compiled_steps_compute_what_the_eager_lean_forward_computes():
     """--compile: the decoding steps run as torch.compile'd graphs (prompts stay eager); their
     logits, drafter features and cache writes match the eager lean forward."""
@@ -172,6 +174,7 @@ def test_compiled_steps_compute_what_the_eager_lean_forward_computes():
         runtime_for(tiny_target("qwen3"), "fp16", compile=True)
 
 
+@pytest.mark.native
 def test_speculative_equals_plain_on_a_compiled_target():
     """Drafts of any quality, verified by compiled steps, give the compiled model's own greedy
     decoding; with a draft threshold the verified block lengths vary and still agree."""
@@ -187,6 +190,9 @@ def test_speculative_equals_plain_on_a_compiled_target():
         assert torch.equal(stats.output_ids, plain.output_ids)
 
 
+@pytest.mark.slow
+@pytest.mark.real_model
+@pytest.mark.native
 def test_compiled_smollm2_decodes_like_the_eager_one(smollm_fp16):
     """The real target with --compile: DFlash with the shipped drafter and plain decoding give
     the tokens of the eager fp16 model."""
@@ -203,6 +209,7 @@ def test_compiled_smollm2_decodes_like_the_eager_one(smollm_fp16):
     assert len(model.lean.compile_seconds) >= 3  # one-token steps, with and without features, blocks
 
 
+@pytest.mark.native
 def test_compiled_code_is_cached_under_dflash_unless_the_user_chose(monkeypatch, tmp_path):
     """torch writes its /tmp default into TORCHINDUCTOR_CACHE_DIR the first time it asks, so
     --compile moves that default under dflash's cache (kept across sessions) and leaves a
@@ -219,6 +226,7 @@ def test_compiled_code_is_cached_under_dflash_unless_the_user_chose(monkeypatch,
     assert os.environ["TORCHINDUCTOR_CACHE_DIR"] == str(tmp_path)
 
 
+@pytest.mark.native
 def test_native_operators_compute_what_torchs_operator_computes(monkeypatch):
     """dflash's C++ product (built once with the machine's compiler) runs fbgemm's own kernel on
     the same packed weights: bit for bit torch's `quantized::linear_dynamic_fp16`, at every
@@ -242,6 +250,7 @@ def test_native_operators_compute_what_torchs_operator_computes(monkeypatch):
         torch.ops.dflash_native.linear_fp16(torch.randn(1, 96), slot)
 
 
+@pytest.mark.native
 def test_native_attention_writes_the_cache_and_attends_like_the_python_one():
     from dflash.runtime import native
     from dflash.runtime.lean import _attend_cached
@@ -269,6 +278,7 @@ def test_without_a_compiler_the_native_build_says_so(monkeypatch, tmp_path):
     assert not (tmp_path / "dflash_native.so").exists()
 
 
+@pytest.mark.native
 def test_generate_calls_hold_no_new_native_slots():
     """The runtime is made once: decoding again neither repacks the drafter's rows of the LM head
     nor takes new native slots (each generate once did both)."""

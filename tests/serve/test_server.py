@@ -187,6 +187,8 @@ def test_bench_http_backend_against_the_live_server(tiny_server, tmp_path):
     assert (tmp_path / "plots" / "concurrency.png").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.real_model
 def test_smollm2_greedy_answer_through_the_server_equals_spec_generate(smollm):
     """The real target (with a random drafter: exactness must not depend on the drafter)."""
     from dflash import DFlashDraftModel

@@ -205,6 +205,8 @@ def test_bad_flags_are_refused(tiny_target_dir, regen_file, tmp_path):
         T.Trainer(tiny_args(tiny_target_dir, regen_file, tmp_path, "--resume", str(tmp_path / "missing.pt")))
 
 
+@pytest.mark.slow
+@pytest.mark.real_model
 def test_real_target_loss_falls_and_drafter_is_lossless(smollm, regen_file, tmp_path):
     """A few steps on SmolLM2 (features cached after the first pass): the loss falls, and the
     saved drafter decodes exactly what the target generates greedily."""
