@@ -3,8 +3,8 @@ packed layout, multiplied with float32 activations and float32 accumulation.
 
 Why: on a CPU a one-token forward is bound by reading the weights, and this machine kind has
 no fast bf16/fp16 arithmetic. fbgemm's fp16 GEMM converts the weights to float32 in registers
-(F16C), so it reads half the bytes and still computes in float32: a one-token forward of
-SmolLM2-135M drops from ~62 ms to ~24 ms (docs/performance.md).
+(F16C), so it reads half the bytes and still computes in float32 (docs/performance.md, "The
+fp16 lean path").
 
 What changes: the weights are rounded to float16 once (the target is a slightly different
 model from the float32 one; speculative decoding is exact against plain decoding of this same

@@ -6,8 +6,8 @@ fly (no grad, only the layers the drafter reads), its embedding and LM head are 
 
 Launch commands:
 
-    # the shipped SmolLM2-135M-Instruct drafter, on CPU, in resumable chunks (the exact
-    # commands of each chunk: docs/drafter-smollm2.md); the first chunk was
+    # a SmolLM2-135M-Instruct drafter from scratch on a CPU, resumable (rerun with --resume to
+    # continue); the shipped drafter's full recipe: docs/drafter-smollm2.md
     dflash train --data ../shared/datasets/regen/pools-even.jsonl.gz '../shared/datasets/regen/general-*.jsonl.gz' \
         --in-order --out runs/smollm2 --num-layers 1 --target-layers 1 14 27 --block-size 16 --max-len 768 \
         --anchors-per-seq 32 --max-steps 2400 --loss-vocab 8192 --max-minutes 140 --resume
@@ -144,7 +144,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--eval-every", type=int, default=500, help="evaluate every N steps (default 500)")
     g.add_argument("--log-every", type=int, default=10, help="write metrics every N steps (default 10)")
     g.add_argument("--max-minutes", type=float, default=None,
-                   help="stop (after saving) when this chunk has run this long; --resume continues")
+                   help="stop (after saving) when this run has lasted this long; --resume continues")
     g.add_argument("--export-state", default=None, metavar="DIR",
                    help="also write a compact training state (bf16 optimizer moments) here, e.g. to commit")
     g.add_argument("--export-minutes", type=float, default=30.0, help="compact export interval (default 30)")
