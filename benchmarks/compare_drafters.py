@@ -20,7 +20,7 @@ from typing import Any, Sequence
 
 import torch
 
-from common import drafter as load_drafter, prompts as eval_inputs
+from common import cpu_description, drafter as load_drafter, prompts as eval_inputs
 from dflash import default_drafter_path, load_target
 from dflash.cli.common import announce_and_compile
 from dflash.decode.engine import generate
@@ -84,6 +84,7 @@ def main() -> None:
                    help="one or more thresholds; each drafter runs at each (default 0.1)")
     p.add_argument("--data-dir", default=None)
     args = p.parse_args()
+    print(f"cpu: {cpu_description()}", flush=True)
     model, tokenizer = compiled_target()
     drafters = {path: load_drafter(path, "fp16") for path in args.draft or [str(default_drafter_path())]}
     interleaved_runs(model, tokenizer, drafters, dataset=args.dataset, prompts=args.prompts, skip=args.skip,

@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import torch
 
-from common import drafter as load_drafter, median_ms, prompts as gsm8k_prompts, step_costs, step_runner
+from common import cpu_description, drafter as load_drafter, median_ms, prompts as gsm8k_prompts, step_costs, step_runner
 from dflash import DFlashDraftModel, generate, load_target
 from dflash.cli.common import announce_and_compile
 from dflash.runtime.lean import LeanRuntime
@@ -93,6 +93,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default=None, help="datasets folder (default: $DFLASH_DATA_DIR)")
     args = parser.parse_args()
 
+    print(f"cpu: {cpu_description()}", flush=True)
     model, tokenizer = load_target(device="cpu", cpu_weights="fp16", compile=True)
     drafter = load_drafter(cpu_weights="fp16")
     announce_and_compile(model, drafter, max(args.block_size, args.verify_rows))
