@@ -142,6 +142,7 @@ def load_tokenizer(path: str | Path) -> Any:
     folder = cache_dir() / "tokenizers" / f"{path.stem}-{gguf_key(path)}"
     if (folder / "tokenizer_config.json").exists():
         return AutoTokenizer.from_pretrained(str(folder))
+    print(f"dflash: reading the tokenizer of {path.name} once (~10 s); cached in {folder}", file=sys.stderr, flush=True)
     tokenizer = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
     folder.parent.mkdir(parents=True, exist_ok=True)
     partial = Path(tempfile.mkdtemp(dir=folder.parent, prefix=".saving-"))
