@@ -1,4 +1,4 @@
-"""`--compile` mistakes are named, not tracebacks; `dflash serve` does not offer it."""
+"""`--compile` mistakes are named, not tracebacks; `dflash serve` offers it with `--draft-threshold`."""
 
 import io
 import sys
@@ -9,14 +9,16 @@ from dflash.cli.main import main
 
 
 def test_compile_without_fp16_weights_is_refused(tiny_target_dir, capsys):
-    assert main(["generate", "--target", str(tiny_target_dir), "--block-size", "1", "--compile", "hi"]) == 2
+    assert main(["generate", "--target", str(tiny_target_dir), "--block-size", "1", "--cpu-weights", "float32",
+                 "--compile", "hi"]) == 2
     assert "--compile applies to the lean fp16 forward: add --cpu-weights fp16" in capsys.readouterr().err
 
 
-def test_serve_has_no_compile_flag(capsys):
+def test_serve_offers_compile_and_a_draft_threshold(capsys):
     with pytest.raises(SystemExit):
-        main(["serve", "--compile"])
-    assert "unrecognized arguments: --compile" in capsys.readouterr().err
+        main(["serve", "--help"])
+    out = capsys.readouterr().out
+    assert "--compile" in out and "--draft-threshold" in out
 
 
 class Recorder(io.TextIOBase):
