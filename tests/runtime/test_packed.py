@@ -99,6 +99,7 @@ def smollm_fp16():
     return load_target(device="cpu", cpu_weights="fp16")
 
 
+@pytest.mark.slow
 @pytest.mark.real_model
 def test_shipped_drafter_is_lossless_on_the_fp16_smollm2(smollm_fp16, smollm):
     torch.set_num_threads(2)
