@@ -118,6 +118,7 @@ def _one_at_a_time(rt, ids):
     return torch.cat([o.logits for o in outs], 1), torch.cat([o.features for o in outs], 1)
 
 
+@pytest.mark.real_model
 def test_block_equals_its_rows_one_at_a_time(runtime, prompts, isa):
     """B = 1..16 tokens verified in one step give bit for bit the logits and features of B
     one-token steps, and leave the same cache (the step after them agrees too). Each block is
@@ -140,6 +141,7 @@ def test_block_equals_its_rows_one_at_a_time(runtime, prompts, isa):
         assert torch.equal(after.logits[0, 0], logits[0, n_prefix + 15]), f"the block's cache entries differ on {isa}"
 
 
+@pytest.mark.real_model
 def test_prefill_equals_steps_and_training_features(runtime, prompts):
     ids = prompts[0]
     cache = runtime.new_cache()
@@ -150,6 +152,7 @@ def test_prefill_equals_steps_and_training_features(runtime, prompts):
     assert torch.equal(runtime.features([ids])[0], out.features)
 
 
+@pytest.mark.real_model
 def test_commit_rewinds_and_rows_share_a_cache(runtime, prompts):
     a, b = prompts[0], prompts[1]
     cache = runtime.new_cache(max_rows=2)
@@ -167,6 +170,7 @@ def test_commit_rewinds_and_rows_share_a_cache(runtime, prompts):
     assert list(cache.seqs) == [row_b]
 
 
+@pytest.mark.real_model
 def test_against_the_float32_model(runtime, prompts, smollm):
     """The quantised model is the float32 (dequantised) one up to its 4-bit weights and 8-bit
     activations: same next token at most positions, logits within a few units."""
@@ -206,6 +210,7 @@ def test_refuses_unsupported_architecture_and_type(tmp_path):
         native.GGUFRuntime(tiny_gguf(tmp_path / "b.gguf", kind="Q5_0"))
 
 
+@pytest.mark.real_model
 def test_load_target_runs_a_gguf_natively_by_default(tmp_path):
     from dflash import load_target
 
@@ -241,6 +246,7 @@ def test_families_compute_what_transformers_computes(tmp_path, arch):
     assert (ours.argmax(-1) == theirs.argmax(-1)).float().mean() >= 0.8  # (random weights: near ties)
 
 
+@pytest.mark.real_model
 def test_batched_engine_equals_single_sequences(runtime, prompts):
     """Continuous batching over the native runtime (rows of different lengths, joining at once,
     drafts with a threshold): every greedy answer equals decoding it alone, bit for bit."""
