@@ -12,6 +12,8 @@
 # first run (the llama-cpp-python sdist, built once by scripts/llamacpp_build.sh, ~10 minutes on 2
 # cores); then ~3 minutes. Not run in CI; run it after changing the drafter or the GGUF export:
 #     bash scripts/llamacpp_check.sh        # PROMPTS=8 MAX_TOKENS=128 PORT=8012 THREADS=nproc by default
+# On a CPU that other work shares, use THREADS=1: ggml's and torch's threads wait for each other at
+# every operation, and with busy neighbours 2 threads on 2 cores ran 10-50x slower than 1 here.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -79,8 +81,8 @@ bench_http dflash
 stop_server
 
 echo "== this package, same prompts, the same drafter (whole vocabulary, block $BLOCK, float32 target)"
-dflash bench --dataset gsm8k --max-samples "$PROMPTS" --max-new-tokens "$MAX_TOKENS" --draft-model "$OUT_DIR/drafter-folder" \
-    --block-size "$BLOCK" --no-baseline --output "$OUT_DIR/dflash.json" --no-progress
+OMP_NUM_THREADS="$THREADS" dflash bench --dataset gsm8k --max-samples "$PROMPTS" --max-new-tokens "$MAX_TOKENS" \
+    --draft-model "$OUT_DIR/drafter-folder" --block-size "$BLOCK" --no-baseline --output "$OUT_DIR/dflash.json" --no-progress
 
 echo "== llama-bench: one forward of 1, 2, 4, 8 tokens on the target (prompt processing, tok/s)"
 "$BIN/llama-bench" -m "$TARGET" -t "$THREADS" -p 1,2,4,8 -n 0 -r 10 -o json >"$OUT_DIR/llama-bench.json" 2>"$OUT_DIR/llama-bench.log"

@@ -127,8 +127,11 @@ async def _run_level(base_url: str, model: str, prompts: dict[str, list[list[str
                      **options: Any) -> tuple[list[RequestRecord], float]:
     from openai import AsyncOpenAI
 
+    # A fresh connection per request (`Connection: close`): llama-server (cpp-httplib) closes a connection
+    # idle for 5 s, and a request sent on it as it closes fails outright (no retries here); a connect costs
+    # next to nothing beside a generation.
     client = AsyncOpenAI(base_url=base_url.rstrip("/").removesuffix("/v1") + "/v1", api_key=api_key or "EMPTY",
-                         timeout=3600, max_retries=0)
+                         timeout=3600, max_retries=0, default_headers={"Connection": "close"})
     gate = asyncio.Semaphore(concurrency)
 
     async def one(dataset: str, index: int, turns: list[str]) -> RequestRecord:
