@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
+import textwrap
 
 from dflash.config import DEFAULT_TARGET
 from dflash.errors import DFlashError
@@ -32,16 +33,17 @@ class _IntermixedParser(argparse.ArgumentParser):
 def register(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser(
         "export", help="write a drafter for vLLM, SGLang or llama.cpp and print the serve command",
-        description="Validate a drafter (folder or Hub id), write it in the format the engine loads and print "
-        "the exact serve command.\n\n"
-        "vllm, sglang: the released format (config.json with dflash_config.target_layer_ids / mask_token_id, "
-        "bf16 model.safetensors) in the folder OUT. vLLM takes the block from num_speculative_tokens + 1, so the "
-        "command carries the block size the drafter was trained for.\n\n"
-        "llama.cpp: one GGUF file OUT (architecture dflash) for llama-server --spec-type draft-dflash, beside the "
-        "target's GGUF: block size, mask token, target layers as llama.cpp counts them (ids + 1), the target's "
-        "tokenizer copied from its GGUF, 16-bit weights. No llama.cpp checkout is needed. The target must be a "
-        "GGUF of an architecture whose llama.cpp graph hands layer features to a drafter (llama, qwen3, "
-        "qwen3moe, gemma4, gpt-oss and a few more; not qwen2).",
+        description="\n\n".join(textwrap.fill(paragraph, 100) for paragraph in (
+            "Validate a drafter (folder or Hub id), write it in the format the engine loads and print the exact "
+            "serve command.",
+            "vllm, sglang: the released format (config.json with dflash_config.target_layer_ids / mask_token_id, "
+            "bf16 model.safetensors) in the folder OUT. vLLM takes the block from num_speculative_tokens + 1, so "
+            "the command carries the block size the drafter was trained for.",
+            "llama.cpp: one GGUF file OUT (architecture dflash) for llama-server --spec-type draft-dflash, beside "
+            "the target's GGUF: block size, mask token, target layers as llama.cpp counts them (ids + 1), the "
+            "target's tokenizer copied from its GGUF, 16-bit weights. No llama.cpp checkout is needed. The target "
+            "must be a GGUF of an architecture whose llama.cpp graph hands layer features to a drafter (llama, "
+            "qwen3, qwen3moe, gemma4, gpt-oss and a few more; not qwen2).")),
         epilog="examples:\n"
         "  dflash export out/drafter                                  # shipped drafter, for vLLM\n"
         "  dflash export --for llama.cpp drafter.gguf                 # shipped drafter + embedded GGUF target\n"
