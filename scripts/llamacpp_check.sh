@@ -13,7 +13,9 @@
 # cores); then ~3 minutes. Not run in CI; run it after changing the drafter or the GGUF export:
 #     bash scripts/llamacpp_check.sh        # PROMPTS=8 MAX_TOKENS=128 PORT=8012 THREADS=nproc by default
 # On a CPU that other work shares, use THREADS=1: ggml's and torch's threads wait for each other at
-# every operation, and with busy neighbours 2 threads on 2 cores ran 10-50x slower than 1 here.
+# every operation, and with busy neighbours 2 threads on 2 cores ran 7-60x slower than 1 here.
+# ggml's results depend on thread count and batch shape, so at a near-tie llama.cpp's batched verify
+# can part from its plain decoding (1 of 8 answers with THREADS=2 here; docs/scaling.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
