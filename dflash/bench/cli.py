@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dflash.cli.common import COMPILE_HELP, CPU_WEIGHTS_HELP
+from dflash.cli.common import COMPILE_HELP, CPU_WEIGHTS_HELP, add_draft_threshold_argument, draft_threshold
 from dflash.config import DEFAULT_TARGET
 from dflash.datasets import DATA_DIR_ENV, EVAL_SETS
 from dflash.errors import DFlashError
@@ -57,9 +57,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help=f"per turn (default: {DEFAULT_MAX_NEW_TOKENS})")
     g.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     g.add_argument("--block-size", type=int, default=None, help="draft block (local; default: the drafter's)")
-    g.add_argument("--draft-threshold", type=float, default=0.0, metavar="P",
-                   help="local: verify only the leading drafts whose top probabilities, multiplied up, stay >= P "
-                        "(default: 0 = the whole block)")
+    add_draft_threshold_argument(g)
     g.add_argument("--enable-thinking", action="store_true", help="ask the chat template for thinking mode")
     g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     g.add_argument("--no-baseline", action="store_true", help="local: skip plain decoding (no speedup)")
@@ -98,8 +96,6 @@ def check(args: argparse.Namespace) -> list[int]:
         raise DFlashError("--temperature must not be negative")
     if args.block_size is not None and args.block_size < 1:
         raise DFlashError("--block-size must be at least 1")
-    if not 0 <= args.draft_threshold < 1:
-        raise DFlashError("--draft-threshold must be in [0, 1)")
     try:
         levels = [int(x) for x in str(args.concurrency).split(",") if x.strip()]
     except ValueError:
@@ -172,7 +168,7 @@ def run_in_process(args: argparse.Namespace, prompts: dict[str, list[list[str]]]
                                 max_new_tokens=args.max_new_tokens, sampling=sampling, stops=stops,
                                 baseline=not args.no_baseline and block_size > 1, peers=peers,
                                 enable_thinking=args.enable_thinking, seed=args.seed, progress=bar.update,
-                                draft_threshold=args.draft_threshold)
+                                draft_threshold=draft_threshold(args, runtime))
         records = gather(records)
     finally:
         close_distributed(d)

@@ -52,15 +52,41 @@ def add_model_arguments(parser: argparse.ArgumentParser, draft: bool = True, com
         group.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
+CPU_DRAFT_THRESHOLD = 0.1  # on a CPU a verified token costs a share of a step: skip unlikely drafts
+
+
+def add_draft_threshold_argument(group: Any) -> None:
+    group.add_argument("--draft-threshold", type=float, default=None, metavar="P",
+                       help="verify only the leading drafts whose top probabilities, multiplied up, stay >= P "
+                            "(for a batch: the longest such prefix among its rows): shorter blocks where the "
+                            f"drafter guesses, the same output (default: {CPU_DRAFT_THRESHOLD} on a CPU, where "
+                            "each verified token costs, 0 = the whole block on a GPU)")
+
+
+def draft_threshold(args: argparse.Namespace, runtime: Any) -> float:
+    """--draft-threshold, or its default for the device the target runs on; refuses one outside [0, 1)."""
+    value = getattr(args, "draft_threshold", None)
+    if value is None:
+        return CPU_DRAFT_THRESHOLD if runtime.info.device.type == "cpu" else 0.0
+    if not 0 <= value < 1:
+        raise DFlashError(f"--draft-threshold must be in [0, 1), got {value}")
+    return value
+
+
+def describe_setup(runtime: Any, block_size: int, threshold: float) -> str:
+    """One line saying what decodes, so that a figure can be reproduced."""
+    kernels = getattr(runtime, "isa", None)
+    target = runtime.info.precision + (f" ({kernels} kernels)" if kernels else "")
+    draft = f"block {block_size}, draft threshold {threshold:g}" if block_size > 1 else "plain decoding"
+    return f"target {target} on {runtime.info.device}, {draft}, {torch.get_num_threads()} threads"
+
+
 def add_sampling_arguments(parser: argparse.ArgumentParser, block_size: bool = True) -> None:
     group = parser.add_argument_group("decoding")
     if block_size:
         group.add_argument("--block-size", type=int, default=None,
                            help="tokens per draft block, 1 = plain decoding (default: the drafter's trained size)")
-        group.add_argument("--draft-threshold", type=float, default=0.0, metavar="P",
-                           help="verify only the leading drafts whose top probabilities, multiplied up, stay "
-                                ">= P: shorter blocks where the drafter guesses, same output (default: 0 = "
-                                "verify the whole block; 0.1 with --cpu-weights fp16 --block-size 4 on a CPU)")
+        add_draft_threshold_argument(group)
     group.add_argument("--max-new-tokens", type=int, default=DEFAULT_MAX_NEW_TOKENS,
                        help=f"stop after this many new tokens (default: {DEFAULT_MAX_NEW_TOKENS})")
     group.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dflash.cli.common import add_model_arguments, add_sampling_arguments, load_models, make_generator
+from dflash.cli.common import (add_model_arguments, add_sampling_arguments, describe_setup, draft_threshold,
+                               load_models, make_generator)
 from dflash.errors import DFlashError
 
 
@@ -44,6 +45,7 @@ def run(args: argparse.Namespace) -> int:
     ids = chat_input_ids(tokenizer, args.prompt, system=args.system)
     stops = stop_token_ids(tokenizer, runtime)
     options = dict(max_new_tokens=args.max_new_tokens, sampling=sampling, stop_token_ids=stops)
+    threshold = draft_threshold(args, runtime)
 
     if args.stats or args.compare:  # first calls pay one-off costs: keep them out of the timings
         generate(runtime, drafter, ids, block_size=block_size, max_new_tokens=2, sampling=sampling)
@@ -51,11 +53,13 @@ def run(args: argparse.Namespace) -> int:
     generator = make_generator(args.seed, runtime.info.device)
     detokenizer = IncrementalDetokenizer(tokenizer)  # decodes only the new tokens of each step
     for _ in stream(runtime, drafter, ids, block_size=block_size, generator=generator, stats=stats,
-                    draft_threshold=args.draft_threshold, **options):
+                    draft_threshold=threshold, **options):
         sys.stdout.write(detokenizer.add(stats.new_tokens[detokenizer.seen:]))
         sys.stdout.flush()
     sys.stdout.write(detokenizer.flush() + "\n")
 
+    if args.stats or args.compare:
+        print(f"[setup] {describe_setup(runtime, block_size, threshold)}")
     if args.stats:
         print_stats("dflash" if block_size > 1 else "plain", stats)
     if args.compare:

@@ -9,7 +9,8 @@ import json
 import sys
 from typing import Any
 
-from dflash.cli.common import add_model_arguments, add_sampling_arguments, load_models
+from dflash.cli.common import (add_draft_threshold_argument, add_model_arguments, add_sampling_arguments, draft_threshold,
+                               load_models)
 from dflash.config import DEFAULT_TARGET
 from dflash.errors import DFlashError
 
@@ -29,10 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     add_model_arguments(p)
     p.add_argument("--block-size", type=int, default=None,
                    help="draft block size, 1 = plain decoding (default: the drafter's trained size)")
-    p.add_argument("--draft-threshold", type=float, default=0.0, metavar="P",
-                   help="verify only the leading drafts whose top probabilities, multiplied up, stay >= P "
-                        "(for a batch: the longest such prefix among its rows); same output (default: 0 = the "
-                        "whole block; 0.1 with --cpu-weights fp16 --block-size 4 on a CPU)")
+    add_draft_threshold_argument(p)
     p.add_argument("--speculative-config", default=None, metavar="JSON",
                    help='vLLM style: {"method": "dflash", "model": DRAFTER, "num_speculative_tokens": N} '
                         "(block size N + 1)")
@@ -101,7 +99,7 @@ def build(args: argparse.Namespace) -> tuple[Any, str]:
         raise DFlashError(f"--block-size {block} exceeds the {drafter.block_size} this drafter was trained for")
     scheduler = Scheduler(runtime, drafter if block > 1 else None, tokenizer, block_size=block,
                           stop_token_ids=stop_token_ids(tokenizer, runtime),
-                          draft_threshold=getattr(args, "draft_threshold", 0.0),
+                          draft_threshold=draft_threshold(args, runtime),
                           max_queue=getattr(args, "max_queue", 64),
                           max_batch_size=getattr(args, "max_batch_size", 8), metrics=ServerMetrics())
     name = getattr(args, "served_model_name", None) or args.target or DEFAULT_TARGET
@@ -173,7 +171,7 @@ def run_chat(args: argparse.Namespace) -> int:
         try:
             for _ in stream(runtime, drafter, [ids], max_new_tokens=args.max_new_tokens, sampling=sampling,
                             block_size=block, stop_token_ids=stops, generator=generator, stats=stats,
-                            draft_threshold=args.draft_threshold):
+                            draft_threshold=draft_threshold(args, runtime)):
                 text = detokenizer.add(stats.new_tokens[detokenizer.seen:])
                 reply += text
                 sys.stdout.write(text)
