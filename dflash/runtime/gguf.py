@@ -67,7 +67,7 @@ def _build(library: Path) -> None:
     library.parent.mkdir(parents=True, exist_ok=True)
     fd, partial = tempfile.mkstemp(dir=library.parent, suffix=".so")
     os.close(fd)
-    command = [compiler, "-O3", "-march=native", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC",
+    command = [compiler, "-O3", "-march=native", "-ffp-contract=off", "-pthread", "-shared", "-fPIC",
                "-std=c++17", str(SOURCE), "-o", partial]
     print(f"dflash: building the native GGUF runtime with {compiler} (once, ~15 s) ...", file=sys.stderr, flush=True)
     try:
@@ -90,7 +90,7 @@ def library() -> Any:
     path = cache_dir() / "native" / key / "libdflash_gguf.so"
     if not path.exists():
         _build(path)
-    lib = ctypes.CDLL(str(path))  # after torch: its OpenMP runtime is the one already loaded
+    lib = ctypes.CDLL(str(path))
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.dfl_model_new.restype = p
     lib.dfl_model_new.argtypes = [ctypes.POINTER(_Config)]
@@ -105,6 +105,7 @@ def library() -> Any:
     lib.dfl_seq_set_length.argtypes = [p, i]
     lib.dfl_forward.argtypes = [p, i, ctypes.POINTER(p), i, p, i, p, p, i, ctypes.POINTER(i), p]
     lib.dfl_set_isa.argtypes = [i]
+    lib.dfl_set_threads.argtypes = [i]
     lib.dfl_linear_new.restype = p
     lib.dfl_linear_new.argtypes = [i, p, i, i]
     lib.dfl_linear_free.argtypes = [p]
@@ -255,7 +256,7 @@ class GGUFRuntime:
 
     exact_blocks = True
 
-    def __init__(self, path: str | Path, isa: str | None = None) -> None:
+    def __init__(self, path: str | Path, isa: str | None = None, threads: int | None = None) -> None:
         self.file = gguf = GGUFFile(path)
         arch = gguf.architecture
         if arch not in ARCHITECTURES:
@@ -285,6 +286,8 @@ class GGUFRuntime:
                                precision="gguf " + _main_type(gguf).lower())
         self.lib = library()
         self.isa = select_isa(isa)
+        self.threads = threads or torch.get_num_threads()  # (torch's count: every core by default)
+        self.lib.dfl_set_threads(self.threads)  # the native pool's, for every native runtime of the process
         self.handle = self.lib.dfl_model_new(ctypes.byref(self.config))
         weakref.finalize(self, self.lib.dfl_model_free, self.handle)
         self._load_weights()

@@ -16,9 +16,13 @@
 // with each other only to float rounding.
 
 #include <immintrin.h>
-#include <omp.h>
 
 #include <algorithm>
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <sched.h>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
@@ -118,7 +122,12 @@ struct Quantized {
     std::vector<float> d, s;     // [rows][blocks]
     std::vector<int32_t> sum;    // [rows][blocks]
 
-    void quantize(const float* x, int rows_, int k_);
+    void resize(int rows_, int k_) {
+        rows = rows_; k = k_; blocks = k / QK;
+        q.resize(size_t(rows) * k); d.resize(size_t(rows) * blocks); s.resize(d.size()); sum.resize(d.size());
+    }
+    void quantize_row(const float* x, int r);         // row r from x ([k] values)
+    void quantize(const float* x, int rows_, int k_);  // every row of x ([rows][k])
 };
 
 // One block of 32 values: the scalar definition, and the same arithmetic in AVX-512 registers
@@ -153,15 +162,17 @@ void quantize_block_avx512(const float* v, int8_t* out, float& d, float& s, int3
     sum = total;
 }
 
+void Quantized::quantize_row(const float* x, int r) {
+    for (int b = 0; b < blocks; ++b) {
+        const size_t at = size_t(r) * blocks + b;
+        if (g_isa == AVX512) quantize_block_avx512(x + b * QK, &q[size_t(r) * k + b * QK], d[at], s[at], sum[at]);
+        else quantize_block(x + b * QK, &q[size_t(r) * k + b * QK], d[at], s[at], sum[at]);
+    }
+}
+
 void Quantized::quantize(const float* x, int rows_, int k_) {
-    rows = rows_; k = k_; blocks = k / QK;
-    q.resize(size_t(rows) * k); d.resize(size_t(rows) * blocks); s.resize(d.size()); sum.resize(d.size());
-    for (int r = 0; r < rows; ++r)
-        for (int b = 0; b < blocks; ++b) {
-            const size_t at = size_t(r) * blocks + b;
-            if (g_isa == AVX512) quantize_block_avx512(x + size_t(r) * k + b * QK, &q[size_t(r) * k + b * QK], d[at], s[at], sum[at]);
-            else quantize_block(x + size_t(r) * k + b * QK, &q[size_t(r) * k + b * QK], d[at], s[at], sum[at]);
-        }
+    resize(rows_, k_);
+    for (int r = 0; r < rows; ++r) quantize_row(x + size_t(r) * k, r);
 }
 
 // ---- products: y[r][0:n] (+)= x_r . w, rows [r0, r1), groups [g0, g1) --------------------------
@@ -347,14 +358,154 @@ void group_rows(const Matrix& w, const Quantized& x, int g, float* y, int ldy) {
     tail<K, T - 1>(w, x, r, g, y, ldy);
 }
 
-// y [rows][ldy] at column offset 0: the product of every row of x with w.
-void matmul(const Matrix& w, const Quantized& x, float* y, int ldy) {
-#pragma omp parallel for schedule(static)
-    for (int g = 0; g < w.groups; ++g) {
-        if (g_isa == AVX512) group_rows<tile_avx512_k, 8>(w, x, g, y, ldy);
-        else if (g_isa == AVX2) group_rows<tile_avx2_k, 4>(w, x, g, y, ldy);
-        else group_rows<tile_portable_k, 4>(w, x, g, y, ldy);
+// Output columns 16g .. 16g+15 of y [rows][ldy]: the product of every row of x with group g of w.
+void matmul_group(const Matrix& w, const Quantized& x, int g, float* y, int ldy) {
+    if (g_isa == AVX512) group_rows<tile_avx512_k, 8>(w, x, g, y, ldy);
+    else if (g_isa == AVX2) group_rows<tile_avx2_k, 4>(w, x, g, y, ldy);
+    else group_rows<tile_portable_k, 4>(w, x, g, y, ldy);
+}
+
+// ---- sharing a forward's work between threads ---------------------------------------------------
+
+// A forward is a sequence of phases (a product, the attention, the per-row steps between them),
+// each cut into chunks. The calling thread and the pool's workers walk the same phases; a chunk
+// is claimed by an atomic counter, and a thread that finds a phase's chunks all claimed waits only
+// for the chunks still running, never for the other threads to arrive, and the caller returns as
+// soon as the last chunk is done. So a worker the scheduler took away (another program on the
+// cores) costs at most the chunk it holds: the caller carries on alone, and the worker, when it
+// returns, finds the phases done and skips them. (OpenMP's barriers wait for every thread at
+// every phase: one busy core made a step wait a scheduler tick per phase.)
+// Which thread runs a chunk never changes the numbers: chunks write disjoint outputs.
+struct Phases {
+    std::unique_ptr<std::atomic<int>[]> next, done;
+    int capacity = 0;
+
+    void reset(int n) {
+        if (n > capacity) {
+            next.reset(new std::atomic<int>[n]);
+            done.reset(new std::atomic<int>[n]);
+            capacity = n;
+        }
+        for (int i = 0; i < n; ++i) {
+            next[i].store(0, std::memory_order_relaxed);
+            done[i].store(0, std::memory_order_relaxed);
+        }
     }
+};
+
+struct Walker {  // one thread's walk through the phases
+    Phases& phases;
+    int at = 0;
+
+    template <class F>
+    void run(int chunks, F&& chunk) {
+        const int id = at++;
+        for (int i; (i = phases.next[id].fetch_add(1, std::memory_order_relaxed)) < chunks;) {
+            chunk(i);
+            phases.done[id].fetch_add(1, std::memory_order_release);
+        }
+        for (int spins = 0; phases.done[id].load(std::memory_order_acquire) < chunks; ++spins) {
+            _mm_pause();
+            if (spins > 2000) sched_yield();  // the chunk's thread may be waiting for this core
+        }
+    }
+};
+
+// A piece of work the pool shares: `walk` is run by the caller and by every worker that sees it
+// in time; it must only touch shared state through claimed chunks (a late worker may walk a job
+// whose caller has long returned: the job, not the caller's stack, holds what it reads).
+struct Job {
+    Phases phases;
+    virtual void walk() = 0;
+    virtual ~Job() = default;
+};
+
+class Pool {
+  public:
+    static Pool& get() {
+        static Pool* pool = new Pool();  // never destroyed: its threads live as long as the process
+        return *pool;
+    }
+
+    void set_threads(int n) {
+        std::lock_guard<std::mutex> lock(mu_);
+        while (int(workers_) + 1 < n) {
+            std::thread(&Pool::work, this).detach();
+            ++workers_;
+        }
+        active_ = std::max(1, n);
+    }
+
+    int threads() const { return active_; }
+
+    // Before freeing what jobs read (a model): no worker walks an old job any more.
+    void quiesce() {
+        {
+            std::lock_guard<std::mutex> lock(mu_);
+            current_.reset();
+        }
+        while (walking_.load(std::memory_order_acquire) > 0) sched_yield();
+    }
+
+    void run(const std::shared_ptr<Job>& job) {
+        if (active_ > 1) {
+            {
+                std::lock_guard<std::mutex> lock(mu_);
+                current_ = job;
+                epoch_.fetch_add(1, std::memory_order_release);
+            }
+            wake_.notify_all();
+        }
+        job->walk();
+    }
+
+  private:
+    void work() {
+        uint64_t seen = epoch_.load(std::memory_order_acquire);
+        const int id = int(started_.fetch_add(1)) + 1;  // this worker's rank: only the first active - 1 work
+        for (;;) {
+            // wait for a new job: spin briefly (steps come in quick succession), then yield the
+            // core for a while (the drafter runs between steps), then sleep
+            for (int spins = 0; epoch_.load(std::memory_order_acquire) == seen; ++spins) {
+                if (spins < 4000) {
+                    _mm_pause();
+                } else if (spins < 20000) {
+                    sched_yield();
+                } else {
+                    std::unique_lock<std::mutex> lock(mu_);
+                    wake_.wait(lock, [&] { return epoch_.load(std::memory_order_acquire) != seen; });
+                }
+            }
+            std::shared_ptr<Job> job;
+            {
+                std::lock_guard<std::mutex> lock(mu_);
+                seen = epoch_.load(std::memory_order_acquire);
+                if (id < active_) job = current_;
+                if (job) walking_.fetch_add(1);
+            }
+            if (job) {
+                job->walk();
+                walking_.fetch_sub(1, std::memory_order_release);
+            }
+        }
+    }
+
+    std::mutex mu_;
+    std::condition_variable wake_;
+    std::atomic<uint64_t> epoch_{0};
+    std::atomic<unsigned> started_{0};
+    std::shared_ptr<Job> current_;
+    unsigned workers_ = 0;
+    std::atomic<int> active_{1};
+    std::atomic<int> walking_{0};
+};
+
+// y [rows][ldy]: every row of x times w, as chunks of a phase (a few groups each).
+void matmul(Walker& walk, const Matrix& w, const Quantized& x, float* y, int ldy) {
+    const int per = std::max(1, w.groups / 128);
+    walk.run((w.groups + per - 1) / per, [&](int i) {
+        for (int g = i * per; g < std::min(w.groups, (i + 1) * per); ++g) matmul_group(w, x, g, y, ldy);
+    });
 }
 
 // ---- the model --------------------------------------------------------------------------------
@@ -362,10 +513,10 @@ void matmul(const Matrix& w, const Quantized& x, float* y, int ldy) {
 struct Linear {  // one or more matrices side by side in the output (q|k|v, gate|up)
     std::vector<Matrix> parts;
     int n = 0, k = 0;
-    void forward(const Quantized& x, float* y) const {  // y: [rows][n]
+    void forward(Walker& walk, const Quantized& x, float* y) const {  // y: [rows][n], one phase per part
         int offset = 0;
         for (const Matrix& part : parts) {
-            matmul(part, x, y + offset, n);
+            matmul(walk, part, x, y + offset, n);
             offset += part.n;
         }
     }
@@ -398,7 +549,7 @@ struct Model {
     int table_positions = 0;
     // scratch, reused between calls
     std::vector<float> x, xn, qkv, att, gu, act, logits_all;
-    Quantized quant;
+    Quantized quant_h, quant_att, quant_ffn, quant_head;  // activations entering the products
     std::vector<int> row_seq, row_pos;
 };
 
@@ -629,6 +780,109 @@ Linear* linear_of(Model& m, int layer, int which) {
     return nullptr;
 }
 
+// One forward (dfl_forward's arguments and what follows from them), walked by the caller and
+// the pool's workers.
+struct Forward : Job {
+    Model* model;
+    std::vector<void*> seqs;
+    const int64_t* tokens;
+    float *logits, *features;
+    int64_t* argmax;
+    const int* feat_layers;
+    int n_seqs, per_seq, head, n_feat, rows, head_rows, max_len;
+
+    void feature(int li, int r, const float* v) const {  // the hidden state after layer li, if asked for
+        for (int f = 0; f < n_feat; ++f)
+            if (feat_layers[f] == li) std::memcpy(features + (size_t(r) * n_feat + f) * model->c.hidden, v,
+                                                  model->c.hidden * sizeof(float));
+    }
+
+    void walk() override {
+        Model& m = *model;
+        const Config& c = m.c;
+        const int hd = c.head_dim, q_dim = c.heads * hd, kv_dim = c.kv_heads * hd;
+        const int qkv_dim = q_dim + 2 * kv_dim, H = c.hidden, F = c.ffn;
+        const float scale = 1.0f / std::sqrt(float(hd));
+        const int group = c.heads / c.kv_heads;
+        Walker walk{phases};
+        std::vector<float> scores(max_len + 16);
+        walk.run(rows, [&](int r) { embed_rows(m, 1, tokens + r, &m.x[size_t(r) * H]); });
+        for (int li = 0; li < c.layers; ++li) {
+            const Layer& l = m.layers[li];
+            walk.run(rows, [&](int r) {  // (the previous layer's feed-forward output joins the residual here)
+                float* x = &m.x[size_t(r) * H];
+                if (li > 0) {
+                    for (int i = 0; i < H; ++i) x[i] += m.xn[size_t(r) * H + i];
+                    if (li - 1 != c.layers - 1) feature(li - 1, r, x);
+                }
+                rms_norm(x, l.attn_norm.data(), &m.xn[size_t(r) * H], H, c.eps);
+                m.quant_h.quantize_row(&m.xn[size_t(r) * H], r);
+            });
+            l.qkv.forward(walk, m.quant_h, m.qkv.data());
+            walk.run(rows, [&](int r) {  // biases, q/k norms, rotary; the new key and value into the row's cache
+                float* v = &m.qkv[size_t(r) * qkv_dim];
+                if (!l.qkv_bias.empty())
+                    for (int i = 0; i < qkv_dim; ++i) v[i] += l.qkv_bias[i];
+                for (int h = 0; h < c.heads + c.kv_heads; ++h) {
+                    float* one = v + h * hd;
+                    const std::vector<float>& norm = h < c.heads ? l.q_norm : l.k_norm;
+                    if (!norm.empty()) rms_norm(one, norm.data(), one, hd, c.eps);
+                    rope(m, one, m.row_pos[r]);
+                }
+                auto* s = static_cast<Sequence*>(seqs[m.row_seq[r]]);
+                for (int h = 0; h < c.kv_heads; ++h) {
+                    const size_t base = size_t(li * c.kv_heads + h);
+                    for (int i = 0; i < hd; ++i) s->k[(base * hd + i) * s->capacity + m.row_pos[r]] = v[q_dim + h * hd + i];
+                    std::memcpy(&s->v[(base * s->capacity + m.row_pos[r]) * hd], v + q_dim + kv_dim + h * hd, hd * sizeof(float));
+                }
+            });
+            walk.run(rows * c.heads, [&](int i) {  // each row attends over its sequence up to itself
+                const int r = i / c.heads, h = i % c.heads;
+                auto* s = static_cast<Sequence*>(seqs[m.row_seq[r]]);
+                const size_t base = size_t(li * c.kv_heads + h / group);
+                const float* q = &m.qkv[size_t(r) * qkv_dim + h * hd];
+                const float* keys = &s->k[base * hd * s->capacity];
+                const float* values = &s->v[base * s->capacity * hd];
+                float* out = &m.att[size_t(r) * q_dim + h * hd];
+                const int n = m.row_pos[r] + 1;
+                if (g_isa == AVX512 && hd % 16 == 0) attend_avx512(q, keys, values, n, s->capacity, hd, scale, scores.data(), out);
+                else if (g_isa >= AVX2 && hd % 8 == 0) attend_avx2(q, keys, values, n, s->capacity, hd, scale, scores.data(), out);
+                else attend_portable(q, keys, values, n, s->capacity, hd, scale, scores.data(), out);
+            });
+            walk.run(rows, [&](int r) { m.quant_att.quantize_row(&m.att[size_t(r) * q_dim], r); });
+            l.o.forward(walk, m.quant_att, m.xn.data());
+            walk.run(rows, [&](int r) {
+                float* x = &m.x[size_t(r) * H];
+                for (int i = 0; i < H; ++i) x[i] += m.xn[size_t(r) * H + i];
+                rms_norm(x, l.ffn_norm.data(), &m.xn[size_t(r) * H], H, c.eps);
+                m.quant_h.quantize_row(&m.xn[size_t(r) * H], r);
+            });
+            l.gate_up.forward(walk, m.quant_h, m.gu.data());
+            walk.run(rows, [&](int r) {
+                float* gate = &m.gu[size_t(r) * 2 * F];
+                silu_mul(gate, gate + F, &m.act[size_t(r) * F], F);
+                m.quant_ffn.quantize_row(&m.act[size_t(r) * F], r);
+            });
+            l.down.forward(walk, m.quant_ffn, m.xn.data());
+        }
+        walk.run(rows, [&](int r) {  // the last residual, the final norm; the rows the head reads
+            float* x = &m.x[size_t(r) * H];
+            for (int i = 0; i < H; ++i) x[i] += m.xn[size_t(r) * H + i];
+            rms_norm(x, m.out_norm.data(), &m.xn[size_t(r) * H], H, c.eps);
+            feature(c.layers - 1, r, &m.xn[size_t(r) * H]);  // (reported after the final norm, as transformers does)
+            const int slot = head == 2 ? r : head == 1 && r % per_seq == per_seq - 1 ? r / per_seq : -1;
+            if (slot >= 0) m.quant_head.quantize_row(&m.xn[size_t(r) * H], slot);
+        });
+        if (head_rows > 0) {
+            m.head.forward(walk, m.quant_head, logits);
+            walk.run(head_rows, [&](int r) {
+                const float* row = logits + size_t(r) * c.vocab;
+                argmax[r] = std::max_element(row, row + c.vocab) - row;  // the first of equal maxima, as torch
+            });
+        }
+    }
+};
+
 }  // namespace
 
 extern "C" {
@@ -660,14 +914,24 @@ void* dfl_linear_new(int type, const void* data, int n, int k) {
     return w;
 }
 
-void dfl_linear_free(void* linear) { delete static_cast<Matrix*>(linear); }
 
 // y [rows][n] = x [rows][k] times the matrix, through the kernel path in force.
 void dfl_linear(void* linear, const float* x, int rows, float* y) {
-    const Matrix& w = *static_cast<Matrix*>(linear);
-    Quantized q;
-    q.quantize(x, rows, w.k);
-    matmul(w, q, y, w.n);
+    struct Product : Job {
+        const Matrix* w;
+        Quantized q;
+        float* y;
+        void walk() override {
+            Walker walk{phases};
+            matmul(walk, *w, q, y, w->n);
+        }
+    };
+    auto job = std::make_shared<Product>();
+    job->w = static_cast<Matrix*>(linear);
+    job->q.quantize(x, rows, job->w->k);
+    job->y = y;
+    job->phases.reset(1);
+    Pool::get().run(job);
 }
 
 void* dfl_model_new(const Config* config) {
@@ -677,7 +941,18 @@ void* dfl_model_new(const Config* config) {
     return m;
 }
 
-void dfl_model_free(void* model) { delete static_cast<Model*>(model); }
+void dfl_model_free(void* model) {
+    Pool::get().quiesce();
+    delete static_cast<Model*>(model);
+}
+
+void dfl_linear_free(void* linear) {
+    Pool::get().quiesce();
+    delete static_cast<Matrix*>(linear);
+}
+
+// Threads that share a step (the caller and n - 1 workers of the pool).
+void dfl_set_threads(int n) { Pool::get().set_threads(std::max(1, n)); }
 
 // A linear layer from `parts` GGUF matrices placed side by side in its output (q|k|v).
 // which: 0 qkv, 1 attention output, 2 gate|up, 3 down, 4 LM head (layer ignored).
@@ -742,105 +1017,41 @@ int dfl_forward(void* model, int n_seqs, void* const* seqs, int per_seq, const i
                 float* logits, int64_t* argmax, int n_feat, const int* feat_layers, float* features) {
     Model& m = *static_cast<Model*>(model);
     const Config& c = m.c;
-    const int rows = n_seqs * per_seq, hd = c.head_dim, q_dim = c.heads * hd, kv_dim = c.kv_heads * hd;
-    const int qkv_dim = q_dim + 2 * kv_dim, H = c.hidden;
+    const int rows = n_seqs * per_seq, q_dim = c.heads * c.head_dim, qkv_dim = q_dim + 2 * c.kv_heads * c.head_dim;
+    const int H = c.hidden, F = c.ffn;
     if (rows <= 0) return -1;
+    // sizes, caches and tables first, on this thread; then the pool walks the phases
+    auto job = std::make_shared<Forward>();
+    job->max_len = 0;
     for (int i = 0; i < n_seqs; ++i) {
         auto* s = static_cast<Sequence*>(seqs[i]);
         reserve(m, *s, s->length + per_seq);
+        job->max_len = std::max(job->max_len, s->length + per_seq);
     }
-    ensure_rope(m, [&] { int top = 0; for (int i = 0; i < n_seqs; ++i) top = std::max(top, static_cast<Sequence*>(seqs[i])->length); return top + per_seq; }());
+    ensure_rope(m, job->max_len);
     m.x.resize(size_t(rows) * H); m.xn.resize(size_t(rows) * H);
     m.qkv.resize(size_t(rows) * qkv_dim); m.att.resize(size_t(rows) * q_dim);
-    m.gu.resize(size_t(rows) * 2 * c.ffn); m.act.resize(size_t(rows) * c.ffn);
+    m.gu.resize(size_t(rows) * 2 * F); m.act.resize(size_t(rows) * F);
     m.row_seq.resize(rows); m.row_pos.resize(rows);
     for (int r = 0; r < rows; ++r) {
         m.row_seq[r] = r / per_seq;
         m.row_pos[r] = static_cast<Sequence*>(seqs[r / per_seq])->length + r % per_seq;
     }
-    embed_rows(m, rows, tokens, m.x.data());
-    int max_len = 0;
-    for (int r = 0; r < rows; ++r) max_len = std::max(max_len, m.row_pos[r] + 1);
-
-    for (int li = 0; li < c.layers; ++li) {
-        const Layer& l = m.layers[li];
-        for (int r = 0; r < rows; ++r) rms_norm(&m.x[size_t(r) * H], l.attn_norm.data(), &m.xn[size_t(r) * H], H, c.eps);
-        m.quant.quantize(m.xn.data(), rows, H);
-        l.qkv.forward(m.quant, m.qkv.data());
-        for (int r = 0; r < rows; ++r) {
-            float* v = &m.qkv[size_t(r) * qkv_dim];
-            if (!l.qkv_bias.empty())
-                for (int i = 0; i < qkv_dim; ++i) v[i] += l.qkv_bias[i];
-            for (int h = 0; h < c.heads + c.kv_heads; ++h) {
-                float* head = v + h * hd;
-                const std::vector<float>& norm = h < c.heads ? l.q_norm : l.k_norm;
-                if (!norm.empty()) rms_norm(head, norm.data(), head, hd, c.eps);
-                rope(m, head, m.row_pos[r]);
-            }
-            // the new key and value into the row's cache
-            auto* s = static_cast<Sequence*>(seqs[m.row_seq[r]]);
-            for (int h = 0; h < c.kv_heads; ++h) {
-                const size_t base = size_t(li * c.kv_heads + h);
-                for (int i = 0; i < hd; ++i) {
-                    s->k[(base * hd + i) * s->capacity + m.row_pos[r]] = v[q_dim + h * hd + i];
-                }
-                std::memcpy(&s->v[(base * s->capacity + m.row_pos[r]) * hd], v + q_dim + kv_dim + h * hd, hd * sizeof(float));
-            }
-        }
-        const float scale = 1.0f / std::sqrt(float(hd));
-        const int group = c.heads / c.kv_heads;
-#pragma omp parallel
-        {
-            std::vector<float> scores(max_len + 16);
-#pragma omp for schedule(static) collapse(2)
-            for (int r = 0; r < rows; ++r)
-                for (int h = 0; h < c.heads; ++h) {
-                    auto* s = static_cast<Sequence*>(seqs[m.row_seq[r]]);
-                    const size_t base = size_t(li * c.kv_heads + h / group);
-                    const float* q = &m.qkv[size_t(r) * qkv_dim + h * hd];
-                    const float* keys = &s->k[base * hd * s->capacity];
-                    const float* values = &s->v[base * s->capacity * hd];
-                    float* out = &m.att[size_t(r) * q_dim + h * hd];
-                    const int n = m.row_pos[r] + 1;
-                    if (g_isa == AVX512 && hd % 16 == 0) attend_avx512(q, keys, values, n, s->capacity, hd, scale, scores.data(), out);
-                    else if (g_isa >= AVX2 && hd % 8 == 0) attend_avx2(q, keys, values, n, s->capacity, hd, scale, scores.data(), out);
-                    else attend_portable(q, keys, values, n, s->capacity, hd, scale, scores.data(), out);
-                }
-        }
-        m.quant.quantize(m.att.data(), rows, q_dim);
-        l.o.forward(m.quant, m.xn.data());
-        for (size_t i = 0; i < size_t(rows) * H; ++i) m.x[i] += m.xn[i];
-        for (int r = 0; r < rows; ++r) rms_norm(&m.x[size_t(r) * H], l.ffn_norm.data(), &m.xn[size_t(r) * H], H, c.eps);
-        m.quant.quantize(m.xn.data(), rows, H);
-        l.gate_up.forward(m.quant, m.gu.data());
-        for (int r = 0; r < rows; ++r)
-            silu_mul(&m.gu[size_t(r) * 2 * c.ffn], &m.gu[size_t(r) * 2 * c.ffn + c.ffn], &m.act[size_t(r) * c.ffn], c.ffn);
-        m.quant.quantize(m.act.data(), rows, c.ffn);
-        l.down.forward(m.quant, m.xn.data());
-        for (size_t i = 0; i < size_t(rows) * H; ++i) m.x[i] += m.xn[i];
-        for (int f = 0; f < n_feat; ++f)
-            if (feat_layers[f] == li && li != c.layers - 1)
-                for (int r = 0; r < rows; ++r)
-                    std::memcpy(features + (size_t(r) * n_feat + f) * H, &m.x[size_t(r) * H], H * sizeof(float));
-    }
-    for (int r = 0; r < rows; ++r) rms_norm(&m.x[size_t(r) * H], m.out_norm.data(), &m.xn[size_t(r) * H], H, c.eps);
-    for (int f = 0; f < n_feat; ++f)
-        if (feat_layers[f] == c.layers - 1)
-            for (int r = 0; r < rows; ++r)
-                std::memcpy(features + (size_t(r) * n_feat + f) * H, &m.xn[size_t(r) * H], H * sizeof(float));
+    const int head_rows = head == 0 ? 0 : head == 1 ? n_seqs : rows;
+    m.quant_h.resize(rows, H); m.quant_att.resize(rows, q_dim); m.quant_ffn.resize(rows, F);
+    m.quant_head.resize(head_rows, H);
+    int phases = 4 + int(m.head.parts.size());
+    for (const Layer& l : m.layers)
+        phases += 6 + int(l.qkv.parts.size() + l.o.parts.size() + l.gate_up.parts.size() + l.down.parts.size());
+    job->phases.reset(phases);
+    job->model = &m;
+    job->seqs.assign(seqs, seqs + n_seqs);
+    job->tokens = tokens; job->logits = logits; job->features = features; job->argmax = argmax;
+    job->feat_layers = feat_layers;
+    job->n_seqs = n_seqs; job->per_seq = per_seq; job->head = head; job->n_feat = n_feat;
+    job->rows = rows; job->head_rows = head_rows;
+    Pool::get().run(job);
     for (int i = 0; i < n_seqs; ++i) static_cast<Sequence*>(seqs[i])->length += per_seq;
-    if (head == 0) return 0;
-    // the LM head over the rows asked for
-    const int head_rows = head == 1 ? n_seqs : rows;
-    if (head == 1)
-        for (int i = 0; i < n_seqs; ++i)
-            std::memmove(&m.xn[size_t(i) * H], &m.xn[(size_t(i) * per_seq + per_seq - 1) * H], H * sizeof(float));
-    m.quant.quantize(m.xn.data(), head_rows, H);
-    m.head.forward(m.quant, logits);
-    for (int r = 0; r < head_rows; ++r) {
-        const float* row = logits + size_t(r) * c.vocab;
-        argmax[r] = std::max_element(row, row + c.vocab) - row;  // the first of equal maxima, as torch
-    }
     return 0;
 }
 
