@@ -376,38 +376,54 @@ void matmul_group(const Matrix& w, const Quantized& x, int g, float* y, int ldy)
 // returns, finds the phases done and skips them. (OpenMP's barriers wait for every thread at
 // every phase: one busy core made a step wait a scheduler tick per phase.)
 // Which thread runs a chunk never changes the numbers: chunks write disjoint outputs.
-struct Phases {
-    std::unique_ptr<std::atomic<int>[]> next, done;
-    int capacity = 0;
+constexpr int MAX_THREADS = 16;
 
-    void reset(int n) {
-        if (n > capacity) {
-            next.reset(new std::atomic<int>[n]);
-            done.reset(new std::atomic<int>[n]);
-            capacity = n;
+struct alignas(64) Counter {  // on a cache line of its own: its thread updates it without sharing
+    std::atomic<int> next{0}, done{0};
+};
+
+// Per phase and thread: a contiguous share of the phase's chunks. A thread runs its own share in
+// order (the weights stream through it as with a static split), then takes what is left of the
+// others' shares; a phase is done when every share's chunks are.
+struct Phases {
+    std::unique_ptr<Counter[]> counters;
+    int capacity = 0, threads = 1;
+
+    void reset(int n, int threads_) {
+        threads = threads_;
+        if (n * threads > capacity) {
+            counters.reset(new Counter[n * threads]);
+            capacity = n * threads;
         }
-        for (int i = 0; i < n; ++i) {
-            next[i].store(0, std::memory_order_relaxed);
-            done[i].store(0, std::memory_order_relaxed);
+        for (int i = 0; i < n * threads; ++i) {
+            counters[i].next.store(0, std::memory_order_relaxed);
+            counters[i].done.store(0, std::memory_order_relaxed);
         }
     }
 };
 
 struct Walker {  // one thread's walk through the phases
     Phases& phases;
+    int rank = 0;  // 0: the caller; workers 1, 2, ...
     int at = 0;
 
     template <class F>
     void run(int chunks, F&& chunk) {
-        const int id = at++;
-        for (int i; (i = phases.next[id].fetch_add(1, std::memory_order_relaxed)) < chunks;) {
-            chunk(i);
-            phases.done[id].fetch_add(1, std::memory_order_release);
+        const int id = at++, T = phases.threads;
+        Counter* share = &phases.counters[id * T];
+        auto start = [&](int t) { return int(int64_t(chunks) * t / T); };
+        for (int k = 0; k < T; ++k) {  // its own share first, then the others'
+            const int t = (rank + k) % T, first = start(t), size = start(t + 1) - first;
+            for (int i; (i = share[t].next.fetch_add(1, std::memory_order_relaxed)) < size;) {
+                chunk(first + i);
+                share[t].done.fetch_add(1, std::memory_order_release);
+            }
         }
-        for (int spins = 0; phases.done[id].load(std::memory_order_acquire) < chunks; ++spins) {
-            _mm_pause();
-            if (spins > 2000) sched_yield();  // the chunk's thread may be waiting for this core
-        }
+        for (int t = 0; t < T; ++t)
+            for (int spins = 0; share[t].done.load(std::memory_order_acquire) < start(t + 1) - start(t); ++spins) {
+                _mm_pause();
+                if (spins > 2000) sched_yield();  // the chunk's thread may be waiting for this core
+            }
     }
 };
 
@@ -416,7 +432,7 @@ struct Walker {  // one thread's walk through the phases
 // whose caller has long returned: the job, not the caller's stack, holds what it reads).
 struct Job {
     Phases phases;
-    virtual void walk() = 0;
+    virtual void walk(int rank) = 0;  // rank 0: the caller
     virtual ~Job() = default;
 };
 
@@ -433,7 +449,7 @@ class Pool {
             std::thread(&Pool::work, this).detach();
             ++workers_;
         }
-        active_ = std::max(1, n);
+        active_ = std::max(1, std::min(n, MAX_THREADS));
     }
 
     int threads() const { return active_; }
@@ -456,7 +472,7 @@ class Pool {
             }
             wake_.notify_all();
         }
-        job->walk();
+        job->walk(0);
     }
 
   private:
@@ -484,7 +500,7 @@ class Pool {
                 if (job) walking_.fetch_add(1);
             }
             if (job) {
-                job->walk();
+                job->walk(id);
                 walking_.fetch_sub(1, std::memory_order_release);
             }
         }
@@ -500,9 +516,9 @@ class Pool {
     std::atomic<int> walking_{0};
 };
 
-// y [rows][ldy]: every row of x times w, as chunks of a phase (a few groups each).
+// y [rows][ldy]: every row of x times w, as a phase of chunks of a few groups (~64 chunks).
 void matmul(Walker& walk, const Matrix& w, const Quantized& x, float* y, int ldy) {
-    const int per = std::max(1, w.groups / 128);
+    const int per = std::max(1, w.groups / 64);
     walk.run((w.groups + per - 1) / per, [&](int i) {
         for (int g = i * per; g < std::min(w.groups, (i + 1) * per); ++g) matmul_group(w, x, g, y, ldy);
     });
@@ -797,14 +813,14 @@ struct Forward : Job {
                                                   model->c.hidden * sizeof(float));
     }
 
-    void walk() override {
+    void walk(int rank) override {
         Model& m = *model;
         const Config& c = m.c;
         const int hd = c.head_dim, q_dim = c.heads * hd, kv_dim = c.kv_heads * hd;
         const int qkv_dim = q_dim + 2 * kv_dim, H = c.hidden, F = c.ffn;
         const float scale = 1.0f / std::sqrt(float(hd));
         const int group = c.heads / c.kv_heads;
-        Walker walk{phases};
+        Walker walk{phases, rank};
         std::vector<float> scores(max_len + 16);
         walk.run(rows, [&](int r) { embed_rows(m, 1, tokens + r, &m.x[size_t(r) * H]); });
         for (int li = 0; li < c.layers; ++li) {
@@ -921,8 +937,8 @@ void dfl_linear(void* linear, const float* x, int rows, float* y) {
         const Matrix* w;
         Quantized q;
         float* y;
-        void walk() override {
-            Walker walk{phases};
+        void walk(int rank) override {
+            Walker walk{phases, rank};
             matmul(walk, *w, q, y, w->n);
         }
     };
@@ -930,7 +946,7 @@ void dfl_linear(void* linear, const float* x, int rows, float* y) {
     job->w = static_cast<Matrix*>(linear);
     job->q.quantize(x, rows, job->w->k);
     job->y = y;
-    job->phases.reset(1);
+    job->phases.reset(1, Pool::get().threads());
     Pool::get().run(job);
 }
 
@@ -1043,7 +1059,7 @@ int dfl_forward(void* model, int n_seqs, void* const* seqs, int per_seq, const i
     int phases = 4 + int(m.head.parts.size());
     for (const Layer& l : m.layers)
         phases += 6 + int(l.qkv.parts.size() + l.o.parts.size() + l.gate_up.parts.size() + l.down.parts.size());
-    job->phases.reset(phases);
+    job->phases.reset(phases, Pool::get().threads());
     job->model = &m;
     job->seqs.assign(seqs, seqs + n_seqs);
     job->tokens = tokens; job->logits = logits; job->features = features; job->argmax = argmax;
