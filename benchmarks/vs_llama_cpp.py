@@ -36,8 +36,8 @@ import torch
 from dflash import DFlashDraftModel, generate, load_target
 from dflash.datasets import eval_prompts
 from dflash.drafters import default_drafter_path
+from dflash.cli.common import prepare_drafter
 from dflash.runtime.loader import chat_input_ids, embedded_gguf_path
-from dflash.runtime.packed import apply_cpu_weights
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -122,14 +122,14 @@ def main() -> None:
     p.add_argument("--data-dir", default=None, help="datasets folder (default: $DFLASH_DATA_DIR)")
     p.add_argument("--output", default=None, help="also write the figures to this JSON file")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)  # (the native runtime takes this many, then leaves torch one)
     n = args.new_tokens
 
     built = Path(subprocess.run(["bash", str(REPO / "scripts" / "llamacpp_build.sh")], check=True,
                                 capture_output=True, text=True).stdout.strip())
     gguf = embedded_gguf_path()
     runtime, tokenizer = load_target(device="cpu")
-    drafter = apply_cpu_weights(DFlashDraftModel.from_pretrained(str(default_drafter_path()), device="cpu"), "fp16")
+    drafter = prepare_drafter(DFlashDraftModel.from_pretrained(str(default_drafter_path()), device="cpu"), runtime)
     print(f"cpu: {cpu_description()}; dflash runtime: {type(runtime).__name__} "
           f"{getattr(runtime, 'isa', '')}; llama.cpp: {built}", flush=True)
     work = Path(tempfile.mkdtemp(prefix="vs-llama-cpp-"))

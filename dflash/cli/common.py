@@ -125,18 +125,26 @@ def load_models(args: argparse.Namespace, need_drafter: bool = True) -> tuple[An
     drafter = None
     if draft_path is not None and need_drafter:
         drafter = DFlashDraftModel.from_pretrained(draft_path, dtype=args.dtype, device=runtime.info.device)
-        apply_cpu_weights(drafter, drafter_weights(runtime))
+        prepare_drafter(drafter, runtime)
     if getattr(args, "compile", False):
         block_size = getattr(args, "block_size", None) or (drafter.block_size if drafter is not None else 1)
         announce_and_compile(runtime, drafter, block_size)
     return runtime, tokenizer, drafter
 
 
-def drafter_weights(runtime: Any) -> str | None:
-    """How a drafter beside `runtime` stores its weights: fp16 on a CPU whose target is not the
-    float32 reference (drafts are checked by the target: only speed changes), else as loaded."""
+def prepare_drafter(drafter: Any, runtime: Any) -> Any:
+    """Store a drafter's weights for the runtime beside it: Q8_0 through the native kernels beside
+    the native GGUF runtime, fp16 beside another CPU target that is not the float32 reference, else
+    as loaded. Drafts are checked by the target: only speed (and, slightly, acceptance) changes."""
     info = runtime.info
-    return "fp16" if info.device.type == "cpu" and info.precision not in ("float32", "") else None
+    if info.device.type != "cpu" or info.precision in ("float32", ""):
+        return drafter
+    if info.precision.startswith("gguf"):
+        from dflash.runtime.gguf import quantize_linears
+
+        quantize_linears(drafter)
+        return drafter
+    return apply_cpu_weights(drafter, "fp16")
 
 
 def announce_and_compile(runtime: Any, drafter: Any, block_size: int) -> None:

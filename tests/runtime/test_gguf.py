@@ -266,3 +266,16 @@ def test_batched_engine_equals_single_sequences(runtime, prompts):
         alone = generate(runtime, drafter, ids[None], max_new_tokens=24 + 8 * i, block_size=4, draft_threshold=0.1)
         plain = generate(runtime, None, ids[None], max_new_tokens=24 + 8 * i)
         assert out[i] == alone.new_tokens == plain.new_tokens
+
+
+def test_quantized_drafter_linears_stay_close():
+    """A drafter beside the native runtime runs its linears as Q8_0 through the native kernels:
+    the same function up to 8-bit weights and activations (drafts are checked by the target)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.SiLU(), torch.nn.Linear(96, 32, bias=False))
+    x = torch.randn(5, 64)
+    before = model(x).detach()
+    assert native.quantize_linears(model) == 2
+    assert isinstance(model[0], native.QuantizedLinear)
+    after = model(x)
+    assert (after - before).abs().max() < 0.02 * before.abs().max()
