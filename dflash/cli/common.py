@@ -78,7 +78,8 @@ def describe_setup(runtime: Any, block_size: int, threshold: float) -> str:
     kernels = getattr(runtime, "isa", None)
     target = runtime.info.precision + (f" ({kernels} kernels)" if kernels else "")
     draft = f"block {block_size}, draft threshold {threshold:g}" if block_size > 1 else "plain decoding"
-    return f"target {target} on {runtime.info.device}, {draft}, {torch.get_num_threads()} threads"
+    threads = getattr(runtime, "threads", None) or torch.get_num_threads()  # (the native runtime's pool has its own)
+    return f"target {target} on {runtime.info.device}, {draft}, {threads} threads"
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, block_size: bool = True) -> None:
