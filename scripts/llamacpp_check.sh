@@ -3,7 +3,8 @@
 # drafter this package ships, exported by `dflash export --for llama.cpp`, and
 #   1. greedy answers through llama.cpp with and without the drafter are identical;
 #   2. llama.cpp's mean acceptance length (its /metrics counters) is within 10 % of this package's
-#      own tau on the same prompts (`dflash bench`, float32 target, the same block size).
+#      own tau on the same prompts (`dflash bench` on the same Q4_1 GGUF through dflash's native
+#      runtime, the same block size, every block verified whole as llama.cpp does).
 # It prints tokens/s of llama.cpp plain and with DFlash, the acceptance figures, and llama-bench's
 # cost of a forward of 1, 2, 4 and 8 tokens (why DFlash in llama.cpp is slower than plain on a CPU);
 # writes every figure to $OUT_DIR, stops each server by PID and exits non-zero if a check fails.
@@ -11,18 +12,17 @@
 # Needs: this package installed (README), cmake and a C++ compiler, network access to PyPI for the
 # first run (the llama-cpp-python sdist, built once by scripts/llamacpp_build.sh, ~10 minutes on 2
 # cores); then ~3 minutes. Not run in CI; run it after changing the drafter or the GGUF export:
-#     bash scripts/llamacpp_check.sh        # PROMPTS=8 MAX_TOKENS=128 PORT=8012 THREADS=nproc by default
-# On a CPU that other work shares, use THREADS=1: ggml's and torch's threads wait for each other at
-# every operation, and with busy neighbours 2 threads on 2 cores ran 7-60x slower than 1 here.
-# ggml's results depend on thread count and batch shape, so at a near-tie llama.cpp's batched verify
-# can part from its plain decoding (1 of 8 answers with THREADS=2 here; docs/scaling.md).
+#     bash scripts/llamacpp_check.sh        # PROMPTS=8 MAX_TOKENS=128 PORT=8012 THREADS=1 by default
+# One llama.cpp thread by default: ggml's results depend on its thread count and batch shape, so at a
+# near-tie llama.cpp's batched verify can part from its own plain decoding (1 of 8 answers with
+# THREADS=2 on the 2-core machine, none with 1; docs/scaling.md). THREADS=2 measures speed instead.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 PROMPTS="${PROMPTS:-8}"
 MAX_TOKENS="${MAX_TOKENS:-128}"
 PORT="${PORT:-8012}"
-THREADS="${THREADS:-$(nproc)}"
+THREADS="${THREADS:-1}"
 OUT_DIR="${OUT_DIR:-runs/llamacpp_check}"
 export DFLASH_DATA_DIR="${DFLASH_DATA_DIR:-$(cd .. && pwd)/shared/datasets}"
 mkdir -p "$OUT_DIR"
@@ -82,8 +82,8 @@ serve dflash -md "$DRAFTER" --spec-type draft-dflash --spec-draft-n-max "$((BLOC
 bench_http dflash
 stop_server
 
-echo "== this package, same prompts, the same drafter (whole vocabulary, block $BLOCK, float32 target)"
-OMP_NUM_THREADS="$THREADS" dflash bench --dataset gsm8k --max-samples "$PROMPTS" --max-new-tokens "$MAX_TOKENS" \
+echo "== this package, same prompts, the same drafter (whole vocabulary, block $BLOCK, whole blocks, the native runtime on the same GGUF)"
+dflash bench --dataset gsm8k --max-samples "$PROMPTS" --max-new-tokens "$MAX_TOKENS" --cpu-weights gguf --draft-threshold 0 \
     --draft-model "$OUT_DIR/drafter-folder" --block-size "$BLOCK" --no-baseline --output "$OUT_DIR/dflash.json" --no-progress
 
 echo "== llama-bench: one forward of 1, 2, 4, 8 tokens on the target (prompt processing, tok/s)"
@@ -114,7 +114,7 @@ print(f"llama.cpp plain  : {p['tokens_per_s']:.2f} tok/s")
 print(f"llama.cpp DFlash : {s['tokens_per_s']:.2f} tok/s ({s['tokens_per_s'] / p['tokens_per_s']:.2f}x plain), "
       f"mean acceptance length {tau:.2f} (from {s['tau_source']}), drafts accepted "
       f"{s['draft_accepted']}/{s['draft_tokens']}")
-print(f"dflash (local)   : tau {ours:.2f} (float32 target, block {local['config']['block_size']})")
+print(f"dflash (local)   : tau {ours:.2f} (native runtime on the same GGUF, block {local['config']['block_size']})")
 rows = sorted(json.loads((out / "llama-bench.json").read_text()), key=lambda r: r["n_prompt"])
 rate = {r["n_prompt"]: statistics.median(r["samples_ts"]) for r in rows}  # the median resists a busy neighbour
 print("llama-bench      : " + ", ".join(

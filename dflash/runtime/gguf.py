@@ -23,7 +23,6 @@ import ctypes
 import hashlib
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import weakref
@@ -57,39 +56,26 @@ class _Config(ctypes.Structure):
 _LIBRARY: dict[str, Any] = {}
 
 
-def _build(library: Path) -> None:
-    from dflash.runtime.native import _compiler
-
-    compiler = _compiler()
-    if compiler is None:
-        raise DFlashError("the native GGUF runtime needs a C++ compiler (set CXX, or install g++); "
-                          "--cpu-weights float32 runs without one")
-    library.parent.mkdir(parents=True, exist_ok=True)
-    fd, partial = tempfile.mkstemp(dir=library.parent, suffix=".so")
-    os.close(fd)
-    command = [compiler, "-O3", "-march=native", "-ffp-contract=off", "-pthread", "-shared", "-fPIC",
-               "-std=c++17", str(SOURCE), "-o", partial]
-    print(f"dflash: building the native GGUF runtime with {compiler} (once, ~15 s) ...", file=sys.stderr, flush=True)
+def _cpu_flags() -> bytes:
+    """What the CPU reports it can do (the library is built for it: -march=native)."""
     try:
-        result = subprocess.run(command, capture_output=True, text=True)
-        if result.returncode != 0:
-            raise DFlashError(f"building the native GGUF runtime failed ({compiler}):\n" + result.stderr[-2000:])
-        os.replace(partial, library)  # whole or not at all, also with a concurrent build
-    finally:
-        if os.path.exists(partial):
-            os.unlink(partial)
+        return next((line for line in Path("/proc/cpuinfo").read_bytes().splitlines() if line.startswith(b"flags")), b"")
+    except OSError:
+        return os.uname().machine.encode()
 
 
 def library() -> Any:
-    """The native runtime's library: built on first use for this machine, cached by source."""
+    """The native runtime's library: built on first use for this CPU, cached by source and CPU."""
     if "lib" in _LIBRARY:
         return _LIBRARY["lib"]
     from dflash.runtime.loader import cache_dir
+    from dflash.runtime.native import compile_library
 
-    key = hashlib.sha256(SOURCE.read_bytes() + os.uname().machine.encode()).hexdigest()[:16]
+    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags()).hexdigest()[:16]
     path = cache_dir() / "native" / key / "libdflash_gguf.so"
     if not path.exists():
-        _build(path)
+        compile_library(SOURCE, path, ["-O3", "-march=native", "-ffp-contract=off", "-pthread", "-std=c++17"],
+                        "the native GGUF runtime", "--cpu-weights float32 runs without one")
     lib = ctypes.CDLL(str(path))
     p, i, f = ctypes.c_void_p, ctypes.c_int, ctypes.c_float
     lib.dfl_model_new.restype = p

@@ -38,32 +38,35 @@ def _compiler() -> str | None:
     return None
 
 
-def _build(library: Path) -> None:
-    from torch.utils.cpp_extension import include_paths, library_paths
-
+def compile_library(source: Path, library: Path, flags: list[str], what: str, without: str) -> None:
+    """Compile `source` into the shared library `library` with the machine's C++ compiler, saying
+    so once on stderr; `what` names it in messages, `without` says what runs without a compiler."""
     compiler = _compiler()
     if compiler is None:
-        raise DFlashError("no C++ compiler found (set CXX, or install g++): --compile and dflash's "
-                          "native fp16 operators need one")
+        raise DFlashError(f"no C++ compiler found (set CXX, or install g++): {what} needs one; {without}")
     library.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=library.parent, suffix=".so", delete=False) as partial:
         pass  # built under a temporary name, then renamed
-    lib_dirs = library_paths()
-    command = [compiler, "-O2", "-shared", "-fPIC", "-std=c++20",
-               f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
-               *[f"-I{path}" for path in include_paths()], str(SOURCE), "-o", partial.name,
-               *[f"-L{path}" for path in lib_dirs], *[f"-Wl,-rpath,{path}" for path in lib_dirs],
-               "-ltorch_cpu", "-lc10"]
-    print(f"dflash: building its native fp16 operators with {compiler} (once, ~10 s) ...", file=sys.stderr, flush=True)
+    print(f"dflash: building {what} with {compiler} (once, ~15 s) ...", file=sys.stderr, flush=True)
     try:
-        result = subprocess.run(command, capture_output=True, text=True)
+        result = subprocess.run([compiler, *flags, "-shared", "-fPIC", str(source), "-o", partial.name],
+                                capture_output=True, text=True)
         if result.returncode != 0:
-            raise DFlashError(f"building dflash's native operators failed ({compiler}):\n"
-                              + result.stderr[-2000:])
+            raise DFlashError(f"building {what} failed ({compiler}):\n" + result.stderr[-2000:])
         os.replace(partial.name, library)  # whole or not at all, also with a concurrent build
     finally:
         if os.path.exists(partial.name):
             os.unlink(partial.name)
+
+
+def _build(library: Path) -> None:
+    from torch.utils.cpp_extension import include_paths, library_paths
+
+    lib_dirs = library_paths()
+    flags = ["-O2", "-std=c++20", f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
+             *[f"-I{path}" for path in include_paths()], *[f"-L{path}" for path in lib_dirs],
+             *[f"-Wl,-rpath,{path}" for path in lib_dirs], "-ltorch_cpu", "-lc10"]
+    compile_library(SOURCE, library, flags, "dflash's native fp16 operators", "the fp16 path runs torch's own operator")
 
 
 def load() -> None:
