@@ -395,6 +395,9 @@ class GGUFRuntime:
 
     def _run(self, cache: _Cache, rows: Sequence[int], ids: torch.Tensor, head: int,
              logits: bool) -> StepOutput:
+        """One native call running `ids` ([rows, n]) after each row's cached tokens. `head`: 0 no
+        LM head (training features), 1 the last position of each row (a prompt), 2 every position
+        (a verified block). The logits stay in a buffer reused between calls unless asked for."""
         ids = torch.as_tensor(ids, dtype=torch.long).reshape(len(rows), -1).contiguous()
         n_rows, per_row = ids.shape
         for row in rows:
