@@ -231,3 +231,29 @@ def tiny_gguf(path, arch="llama", kind="Q4_0", layers=1):
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def chi2_pvalue(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
+    """Pearson chi-square test, cells with expectation < 5 pooled into one."""
+    if observed[expected_probs == 0].sum() > 0:
+        return 0.0  # a token the target can never produce was produced
+    n = observed.sum()
+    expected = expected_probs * n
+    small = expected < 5
+    obs = torch.cat([observed[~small], observed[small].sum().view(1)])
+    exp = torch.cat([expected[~small], expected[small].sum().view(1)])
+    keep = exp > 0
+    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
+    df = keep.sum() - 1
+    if df < 1:
+        return 1.0  # a single possible outcome, and only it was seen
+    return float(torch.special.gammaincc(df / 2.0, stat / 2.0))
+
+
+def marginal_pvalues(counts: torch.Tensor, joint: torch.Tensor) -> tuple[float, ...]:
+    """p-values of sampled first-three-token counts ([V, V, V]) against the exact joint
+    distribution: t1, t2, t3 and the pair (t1, t2)."""
+    return (chi2_pvalue(counts.sum((1, 2)), joint.sum((1, 2))),
+            chi2_pvalue(counts.sum((0, 2)), joint.sum((0, 2))),
+            chi2_pvalue(counts.sum((0, 1)), joint.sum((0, 1))),
+            chi2_pvalue(counts.sum(2).flatten(), joint.sum(2).flatten()))

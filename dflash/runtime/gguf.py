@@ -113,17 +113,11 @@ def select_isa(name: str | None = None) -> str:
     return ISAS[lib.dfl_set_isa(ISAS.index(name))]
 
 
-def gguf_key(path: Path) -> str:
-    """A short key naming one version of a GGUF file (path, size, modification time) in caches."""
-    stat = path.stat()
-    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-
-
 def load_tokenizer(path: str | Path) -> Any:
     """The tokenizer stored in a GGUF file, read once (~10 s) and cached as a tokenizer folder."""
     from transformers import AutoTokenizer
 
-    from dflash.runtime.loader import cache_dir
+    from dflash.runtime.loader import cache_dir, gguf_key
 
     path = Path(path)
     folder = cache_dir() / "tokenizers" / f"{path.stem}-{gguf_key(path)}"
@@ -320,7 +314,7 @@ class GGUFRuntime:
         self.handle = self.lib.dfl_model_new(ctypes.byref(self.config))
         weakref.finalize(self, self.lib.dfl_model_free, self.handle)
         self._load_weights()
-        self.feature_layers: tuple[int, ...] = ()
+        self.bind(())
         self._logits = torch.empty(0)
         self._vocab_head: tuple[torch.Tensor | None, NativeLinear] | None = None
         self._head_name = "output.weight" if "output.weight" in gguf.tensors else "token_embd.weight"  # tied
@@ -389,6 +383,7 @@ class GGUFRuntime:
         if any(not 0 <= i < self.info.num_layers for i in layers):
             raise DFlashError(f"feature layers {layers} outside the target's {self.info.num_layers} layers")
         self.feature_layers = layers
+        self._layer_array = (ctypes.c_int * max(len(layers), 1))(*layers)  # what each step passes
 
     def new_cache(self, max_rows: int = 1) -> _Cache:
         return _Cache(self.lib)
@@ -412,10 +407,9 @@ class GGUFRuntime:
         tokens = torch.empty(head_rows, dtype=torch.long)
         n_feat = len(self.feature_layers)
         features = torch.empty(n_rows * per_row, n_feat * self.info.hidden_size) if n_feat else None
-        layers = (ctypes.c_int * max(n_feat, 1))(*self.feature_layers)
         seqs = (ctypes.c_void_p * n_rows)(*[cache.seqs[row] for row in rows])
         code = self.lib.dfl_forward(self.handle, n_rows, seqs, per_row, ids.data_ptr(), head,
-                                    self._logits.data_ptr(), tokens.data_ptr(), n_feat, layers,
+                                    self._logits.data_ptr(), tokens.data_ptr(), n_feat, self._layer_array,
                                     features.data_ptr() if features is not None else None)
         if code != 0:
             raise DFlashError(f"the native GGUF runtime refused the step (code {code})")

@@ -52,11 +52,15 @@ def embedded_gguf_path() -> Path:
     return path
 
 
+def gguf_key(path: Path) -> str:
+    """A short key naming one version of a GGUF file (path, size, modification time) in caches."""
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
 def _converted_gguf(gguf: Path) -> Path:
     """A safetensors folder holding the dequantised GGUF, converted on first use."""
-    stat = gguf.stat()
-    key = hashlib.sha256(f"{gguf.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    folder = cache_dir() / "targets" / f"{gguf.stem}-{key}"
+    folder = cache_dir() / "targets" / f"{gguf.stem}-{gguf_key(gguf)}"
     if (folder / "config.json").exists():
         return folder
     from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -5,7 +5,7 @@ on the first pair), as tests/decode/test_sampling.py checks for the single-seque
 
 import pytest
 import torch
-from helpers import tiny_target
+from helpers import marginal_pvalues, tiny_target
 
 from dflash import DFlashDraftModel
 from dflash.decode.batch import BatchEngine, BatchRequest
@@ -26,30 +26,6 @@ def exact_joint(model, prompt: list[int], params: SamplingParams) -> torch.Tenso
     p2 = logits_to_probs(logits[::V, n], params)                            # [V(t1), V]
     p3 = logits_to_probs(logits[:, n + 1], params).view(V, V, V)            # [t1, t2, V]
     return p1[:, None, None] * p2[:, :, None] * p3
-
-
-def chi2_pvalue(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
-    """Pearson chi-square test, cells with expectation < 5 pooled into one."""
-    if observed[expected_probs == 0].sum() > 0:
-        return 0.0  # a token the target can never produce was produced
-    expected = expected_probs * observed.sum()
-    small = expected < 5
-    obs = torch.cat([observed[~small], observed[small].sum().view(1)])
-    exp = torch.cat([expected[~small], expected[small].sum().view(1)])
-    keep = exp > 0
-    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
-    df = keep.sum() - 1
-    if df < 1:
-        return 1.0
-    return float(torch.special.gammaincc(df / 2.0, stat / 2.0))
-
-
-def pvalues(counts: torch.Tensor, joint: torch.Tensor) -> list[float]:
-    """p-values for t1, t2, t3 and the pair (t1, t2)."""
-    return [chi2_pvalue(counts.sum((1, 2)), joint.sum((1, 2))),
-            chi2_pvalue(counts.sum((0, 2)), joint.sum((0, 2))),
-            chi2_pvalue(counts.sum((0, 1)), joint.sum((0, 1))),
-            chi2_pvalue(counts.sum(2).flatten(), joint.sum(2).flatten())]
 
 
 @pytest.fixture(scope="module")
@@ -84,4 +60,4 @@ def test_batched_sampling_preserves_target_distribution(tiny_pair, params):
             counts[a, b, c] += 1
         # eight tests at 1e-3: a correct sampler fails this assert with probability < 0.8 %
         # (and never here: every row is seeded)
-        assert min(pvalues(counts, exact_joint(model, PROMPTS[name], params))) > 1e-3, name
+        assert min(marginal_pvalues(counts, exact_joint(model, PROMPTS[name], params))) > 1e-3, name

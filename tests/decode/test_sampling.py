@@ -3,7 +3,7 @@ leaves the target's distribution unchanged (and that the test would catch a wron
 
 import pytest
 import torch
-from helpers import tiny_target
+from helpers import marginal_pvalues, tiny_target
 
 import dflash.decode.step as engine
 from dflash import DFlashDraftModel, SamplingParams, generate
@@ -43,23 +43,6 @@ def test_rejection_rule_on_known_distributions():
         k, bonus = rejection_accept(draft, q, p, g)
         counts[int(draft) if k == 1 else bonus] += 1
     assert torch.allclose(counts / n, p[0], atol=0.015)
-
-
-def chi2_pvalue(observed: torch.Tensor, expected_probs: torch.Tensor) -> float:
-    """Pearson chi-square test, cells with expectation < 5 pooled into one."""
-    if observed[expected_probs == 0].sum() > 0:
-        return 0.0  # a token the target can never produce was produced
-    n = observed.sum()
-    expected = expected_probs * n
-    small = expected < 5
-    obs = torch.cat([observed[~small], observed[small].sum().view(1)])
-    exp = torch.cat([expected[~small], expected[small].sum().view(1)])
-    keep = exp > 0
-    stat = ((obs[keep] - exp[keep]) ** 2 / exp[keep]).sum()
-    df = keep.sum() - 1
-    if df < 1:
-        return 1.0  # a single possible outcome, and only it was seen
-    return float(torch.special.gammaincc(df / 2.0, stat / 2.0))
 
 
 def exact_joint(model, prompt: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -125,14 +108,6 @@ def tiny_pair():
     torch.manual_seed(5)
     drafter = DFlashDraftModel.from_target(model, num_layers=1, block_size=4, mask_token_id=7).eval()
     return model, drafter, UniformDrafter(drafter.config).eval()
-
-
-def marginal_pvalues(counts, joint):
-    """p-values for t1, t2, t3 and the pair (t1, t2)."""
-    return (chi2_pvalue(counts.sum((1, 2)), joint.sum((1, 2))),
-            chi2_pvalue(counts.sum((0, 2)), joint.sum((0, 2))),
-            chi2_pvalue(counts.sum((0, 1)), joint.sum((0, 1))),
-            chi2_pvalue(counts.sum(2).flatten(), joint.sum(2).flatten()))
 
 
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0),
