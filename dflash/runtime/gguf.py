@@ -463,6 +463,14 @@ class GGUFRuntime:
             self._vocab_head = (vocab, NativeLinear.rows_of(self.file.tensor(self._head_name), vocab))
         return self._vocab_head[1](hidden)
 
+    def head_weight(self) -> torch.Tensor:
+        """The LM head dequantised to float32, [vocab, hidden]: training's differentiable head
+        (decoding runs the quantised rows; the two differ by the activations' 8-bit rounding)."""
+        from gguf import dequantize
+
+        tensor = self.file.tensor(self._head_name)
+        return torch.from_numpy(np.ascontiguousarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32))
+
     def features(self, seqs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         if not self.feature_layers:
             raise DFlashError("bind the drafter's feature layers first")

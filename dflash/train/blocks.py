@@ -91,6 +91,16 @@ def block_loss(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor
     return (ce * weights).sum() / weights.sum().clamp(min=1e-8)
 
 
+def soft_block_loss(logits: torch.Tensor, target_logits: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted cross-entropy against the target's own distribution softmax(target_logits) at each
+    supervised position (logits, target_logits: [N, V] over the same tokens; weights [N]): KL
+    divergence from the target plus its entropy, which the drafter cannot change. Every token the
+    target finds likely is taught, not only the one it chose."""
+    p = torch.softmax(target_logits.float(), -1)
+    ce = -(p * torch.log_softmax(logits.float(), -1)).sum(-1)
+    return (ce * weights).sum() / weights.sum().clamp(min=1e-8)
+
+
 @dataclass
 class BlockStats:
     """Running sums for per-position accuracy and simulated acceptance length."""

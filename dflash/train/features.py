@@ -1,5 +1,10 @@
 """Frozen target features for training, computed by the target's runtime (the numbers decoding
-feeds the drafter), optionally cached on disk for later epochs."""
+feeds the drafter), optionally cached on disk for later epochs, and the target's LM head as a
+float32 matrix (the drafter's loss is differentiated through it).
+
+With `soft=True` the target's last layer (its final-normed hidden state, as every runtime hands
+it out) rides along with the features: the target's own next-token distribution at each
+position is then one product with the head away, for the soft-target loss."""
 
 from __future__ import annotations
 
@@ -13,12 +18,14 @@ from dflash.runtime.loader import as_runtime
 
 class TargetFeatures:
     """`features(ids)` -> [1, n, len(layer_ids) * hidden], exactly what decoding feeds the drafter:
-    the runtime's own `features` (each sequence prefilled as decoding prefills a prompt). Binds
-    `layer_ids` on the runtime."""
+    the runtime's own `features` (each sequence prefilled as decoding prefills a prompt), then the
+    last layer's hidden state where `soft`. Binds those layers on the runtime."""
 
-    def __init__(self, target: Any, layer_ids: list[int], cache_dir: str | Path | None = None) -> None:
+    def __init__(self, target: Any, layer_ids: list[int], cache_dir: str | Path | None = None,
+                 soft: bool = False) -> None:
         self.runtime = as_runtime(target)
-        self.layer_ids = list(layer_ids)
+        self.drafter_layers = list(layer_ids)
+        self.layer_ids = self.drafter_layers + ([self.runtime.info.num_layers - 1] if soft else [])
         self.runtime.bind(self.layer_ids)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         if self.cache_dir:
@@ -48,7 +55,8 @@ class TargetFeatures:
     def _path(self, ids: torch.Tensor, key: str | None) -> Path | None:
         if self.cache_dir is None or key is None:
             return None
-        return self.cache_dir / f"{key.replace('/', '_')}-{len(ids)}.pt"
+        layers = "_".join(map(str, self.layer_ids))
+        return self.cache_dir / f"{key.replace('/', '_')}-{len(ids)}-L{layers}.pt"
 
     def _load(self, ids: torch.Tensor, key: str | None) -> torch.Tensor | None:
         path = self._path(ids, key)
@@ -62,3 +70,13 @@ class TargetFeatures:
             tmp = path.with_suffix(".tmp")
             torch.save(feats.to("cpu", torch.bfloat16).clone(), tmp)
             tmp.replace(path)
+
+
+def head_weight(runtime: Any) -> torch.Tensor:
+    """The target's LM head as one float32 matrix [vocab, hidden] on the runtime's device: the
+    GGUF runtime's dequantised head, or the weight a transformers head computes with."""
+    if hasattr(runtime, "head_weight"):
+        return runtime.head_weight()
+    from dflash.runtime.packed import weight_of
+
+    return weight_of(runtime.head)

@@ -59,7 +59,7 @@ import torch.distributed as dist
 from dflash.distributed import Dist, close_distributed, init_distributed
 from dflash.errors import DFlashError
 from dflash.train.blocks import (IGNORE, BlockStats, block_attention_mask, block_loss, build_blocks,
-                                 default_gamma, loss_weights, sample_anchors)
+                                 default_gamma, loss_weights, sample_anchors, soft_block_loss)
 from dflash.train.dataset import ConversationDataset, epoch_order, load_conversations, split_rows
 
 STATE_FILE = "training_state.pt"
@@ -91,6 +91,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--target", default=None, metavar="NAME_OR_PATH",
                    help="target model (default: the embedded smollm2-135m-instruct)")
     g.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available; LOCAL_RANK under torchrun)")
+    g.add_argument("--cpu-weights", default="auto", choices=["auto", "gguf", "float32"],
+                   help="how a CPU target computes the features: gguf, a GGUF target's own quantised weights through "
+                        "the native runtime (what CPU decoding feeds the drafter by default, ~3x faster); float32, "
+                        "the dequantised model (the reference). auto (default): gguf for a GGUF target on a CPU")
     g.add_argument("--target-dtype", default=None, choices=["float32", "bfloat16", "float16"],
                    help="the frozen target's dtype for features (default: float32 on CPU, bfloat16 on GPU). "
                         "float32 on a GPU (TF32 matrix products) gives features closer to what CPU decoding "
@@ -112,6 +116,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--anchors-per-seq", type=int, default=32, help="random blocks per conversation (default 32)")
     g.add_argument("--gamma", type=float, default=None, help="loss decay over block positions (default 7 * B / 16)")
+    g.add_argument("--soft-weight", type=float, default=0.0, metavar="W",
+                   help="share of the loss taken against the target's own next-token distribution at each drafted "
+                        "position (soft targets, over the loss vocabulary) instead of the reply's token alone: "
+                        "(1 - W) * hard + W * soft. The distribution comes from the same target forward as the "
+                        "features (one more layer bound). Default 0 = hard labels only")
     g.add_argument("--loss-vocab", type=int, default=0, metavar="K",
                    help="compute the training loss over the K most frequent reply tokens (plus every label of "
                         "the batch) instead of the whole vocabulary: the LM head dominates a CPU step, and this "
@@ -131,6 +140,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"{FIT_PROBE_STEPS} steps at the measured rate, --max-steps becomes what fits, and the "
                         "warm-up and cosine follow; a resumed run keeps the fitted length. For a time budget, "
                         "e.g. a borrowed GPU; pair it with a slightly larger --max-minutes")
+    g.add_argument("--cpu-bf16", default="off", choices=["auto", "on", "off"],
+                   help="the drafter's products in bf16 on a CPU (float32 weights and optimizer): auto = where the "
+                        "CPU multiplies bf16 natively (AVX-512 BF16, AMX). Default off")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--threads", type=int, default=None, help="CPU threads per process (default: torch's)")
 
@@ -175,6 +187,8 @@ def check_arguments(a: argparse.Namespace) -> None:
         raise DFlashError("--max-steps must be at least 1")
     if a.fit_minutes is not None and a.fit_minutes <= 0:
         raise DFlashError("--fit-minutes must be positive")
+    if not 0 <= a.soft_weight <= 1:
+        raise DFlashError("--soft-weight must be in [0, 1]")
 
 
 # --- distributed ---------------------------------------------------------------------------------
@@ -190,6 +204,7 @@ def all_sum(t: torch.Tensor, d: Dist) -> torch.Tensor:
 @dataclass
 class Batch:
     hidden: torch.Tensor        # [b, n_ctx, F] target features (right-padded)
+    soft_hidden: torch.Tensor | None  # [b, n_ctx, H] the target's final hidden states (soft targets), or None
     tokens: torch.Tensor        # [b, Q] block tokens
     positions: torch.Tensor     # [b, Q]
     anchors: torch.Tensor       # [b, n_anchors] (padding: anchor 0); the mask is built from them
@@ -197,9 +212,10 @@ class Batch:
 
 
 def make_batch(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], anchors: list[torch.Tensor],
-               block_size: int, mask_token_id: int) -> Batch:
+               block_size: int, mask_token_id: int, feature_width: int | None = None) -> Batch:
     """Pad a few sequences (features, ids, loss mask) and their blocks into one forward. Padded
-    blocks (anchor 0, no labels) see only themselves, so no query row is empty."""
+    blocks (anchor 0, no labels) see only themselves, so no query row is empty. Features wider
+    than `feature_width` carry the target's final hidden state after the drafter's part."""
     n_ctx = max(f.shape[1] for f, _, _ in items)
     n_a = max(1, max(len(a) for a in anchors))
     b, width = len(items), items[0][0].shape[-1]
@@ -215,15 +231,29 @@ def make_batch(items: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], anc
         blocks = build_blocks(ids, loss_mask, padded_anchors[i], block_size, mask_token_id)
         tokens[i], positions[i] = blocks.tokens, blocks.positions
         labels[i, : len(a)] = blocks.labels[: len(a)]
-    return Batch(hidden, tokens, positions, padded_anchors, labels)
+    if feature_width is None or feature_width == width:
+        return Batch(hidden, None, tokens, positions, padded_anchors, labels)
+    return Batch(hidden[..., :feature_width], hidden[..., feature_width:], tokens, positions, padded_anchors, labels)
 
 
-def _autocast(device: torch.device):
-    """bf16 autocast on a GPU (the drafter's weights stay float32), nothing on a CPU."""
-    return torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda")
+def _autocast(device: torch.device, cpu_bf16: bool = False):
+    """bf16 autocast on a GPU, and on a CPU when asked (the drafter's weights stay float32)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=cpu_bf16)
 
 
-def block_hidden(drafter: Any, target: Any, batch: Batch, block_size: int) -> torch.Tensor:
+def cpu_bf16_fast() -> bool:
+    """Whether this CPU multiplies bf16 matrices natively (AVX-512 BF16 or AMX): there bf16
+    products run ~2.5x faster than float32 ones; elsewhere they are emulated, and slower."""
+    try:
+        flags = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def block_hidden(drafter: Any, target: Any, batch: Batch, block_size: int, cpu_bf16: bool = False) -> torch.Tensor:
     """The drafter's hidden states at draft positions 1..B-1 of every block, [b, n_a, B-1, H]:
     all blocks of a sequence in one masked forward, each seeing exactly what decoding shows it."""
     device = target.info.device
@@ -232,38 +262,48 @@ def block_hidden(drafter: Any, target: Any, batch: Batch, block_size: int) -> to
         noise = target.embed(batch.tokens.to(device)).float()
     n_ctx = batch.hidden.shape[1]
     ctx_pos = torch.arange(n_ctx, device=device).expand(b, n_ctx)
-    with _autocast(device):
+    with _autocast(device, cpu_bf16):
         out = drafter(noise, batch.hidden.to(device).float(), ctx_pos, batch.positions.to(device),
                       attn_mask=block_attention_mask(batch.anchors.to(device), n_ctx, block_size)[:, None])
     return out.view(b, -1, block_size, out.shape[-1])[:, :, 1:]
 
 
-def forward_loss(drafter: Any, target: Any, batch: Batch, weights: torch.Tensor,
-                 stats: BlockStats | None = None, vocab: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+def forward_loss(drafter: Any, target: Any, head: torch.Tensor, batch: Batch, weights: torch.Tensor,
+                 stats: BlockStats | None = None, vocab: torch.Tensor | None = None,
+                 soft_weight: float = 0.0, cpu_bf16: bool = False) -> tuple[torch.Tensor, int]:
     """Weighted block loss of one batch, and the number of supervised positions; `stats` (if
-    given) collects accuracy and acceptance. With `vocab` (sorted token ids) the softmax ranges
-    over those ids and the batch's labels only (a sampled-softmax style shortcut for CPUs)."""
+    given) collects accuracy and acceptance. `head` is the target's LM head ([V, H]). With `vocab`
+    (sorted token ids) the softmax ranges over those ids and the batch's labels only (a
+    sampled-softmax style shortcut for CPUs). `soft_weight` > 0 mixes in the loss against the
+    target's own distribution (the batch must carry `soft_hidden`). `cpu_bf16`: bf16 products
+    on a CPU too."""
     device = target.info.device
     block_size = weights.shape[0] + 1
-    out = block_hidden(drafter, target, batch, block_size)
+    out = block_hidden(drafter, target, batch, block_size, cpu_bf16)
     labels = batch.labels.to(device)
     valid = labels != IGNORE
     n = int(valid.sum())
     if n == 0:
         return out.sum() * 0.0, 0
     targets = labels[valid]
-    with _autocast(device):
-        if vocab is None:
-            logits = target.lm_head(out[valid])                          # [N, V]
-        else:
-            ids = torch.unique(torch.cat([vocab.to(device), targets]))   # sorted
-            logits = target.lm_head(out[valid], vocab=ids)               # [N, len(ids)]
-            targets = torch.searchsorted(ids, targets)
+    ids = None if vocab is None else torch.unique(torch.cat([vocab.to(device), targets]))  # sorted
+    rows = head if ids is None else head[ids]                                             # [V', H]
+    with _autocast(device, cpu_bf16):
+        logits = torch.nn.functional.linear(out[valid], rows)                             # [N, V']
+    if ids is not None:
+        targets = torch.searchsorted(ids, targets)
     w = weights.to(device).expand_as(labels)[valid]
-    loss = block_loss(logits, targets, w)
+    loss = block_loss(logits, targets, w) if soft_weight < 1 else logits.sum() * 0.0
+    if soft_weight > 0:
+        # the target's distribution for token a+k is its output at position a+k-1
+        before = batch.positions.to(device).view(labels.shape[0], -1, block_size)[:, :, :-1]  # [b, n_a, B-1]
+        b_idx = torch.arange(labels.shape[0], device=device)[:, None, None].expand_as(before)
+        with torch.no_grad():
+            target_logits = batch.soft_hidden.to(device)[b_idx[valid], before[valid]].float() @ rows.float().T
+        loss = (1 - soft_weight) * loss + soft_weight * soft_block_loss(logits, target_logits, w)
     if stats is not None:
         pred = torch.full_like(labels, -1)
-        pred[valid] = logits.argmax(-1) if vocab is None else ids[logits.argmax(-1)]
+        pred[valid] = logits.argmax(-1) if ids is None else ids[logits.argmax(-1)]
         stats.update(pred.view(-1, block_size - 1), labels.view(-1, block_size - 1))
     return loss, n
 
@@ -302,7 +342,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace) -> None:
         from dflash.model.drafter import DFlashDraftModel
         from dflash.runtime.loader import load_target
-        from dflash.train.features import TargetFeatures
+        from dflash.train.features import TargetFeatures, head_weight
 
         check_arguments(args)
         self.args = a = args
@@ -315,11 +355,14 @@ class Trainer:
             raise DFlashError("--eval-only evaluates an existing drafter: give --init-from DRAFTER or --resume PATH")
         if self.device.type == "cuda":
             torch.backends.cuda.matmul.allow_tf32 = True  # float32 target features: TF32 is ample
+        threads = torch.get_num_threads()
         self.runtime, self.tokenizer = load_target(a.target, dtype=a.target_dtype, device=self.device,
-                                                   cpu_weights="float32")  # features of the reference model
-        self.model = self.runtime.model
-        for p in self.model.parameters():
-            p.requires_grad_(False)
+                                                   cpu_weights=a.cpu_weights)
+        # the native runtime leaves torch one thread (decoding's small operators); here torch runs the
+        # drafter's forward and backward, the larger part of a step, in turn with the native features
+        torch.set_num_threads(threads)
+        self.head = head_weight(self.runtime).to(self.device)  # frozen; the loss is differentiated through it
+        self.cpu_bf16 = a.cpu_bf16 == "on" or (a.cpu_bf16 == "auto" and cpu_bf16_fast())
 
         if state is not None:
             from dflash.config import DFlashConfig
@@ -334,16 +377,21 @@ class Trainer:
             mask_id = a.mask_token_id
             if mask_id is None and a.target is None:
                 mask_id = SMOLLM2_MASK_TOKEN
+            model = getattr(self.runtime, "model", None)  # (the native runtime has no transformers model)
+            if model is None:
+                model = load_target(a.target, device="cpu", cpu_weights="float32")[0].model
             try:
                 drafter = DFlashDraftModel.from_target(
-                    self.model, num_layers=a.num_layers, block_size=a.block_size or 16, mask_token_id=mask_id,
+                    model, num_layers=a.num_layers, block_size=a.block_size or 16, mask_token_id=mask_id,
                     target_layer_ids=a.target_layers, intermediate_size=a.intermediate_size)
             except ValueError as exc:
                 raise DFlashError(str(exc)) from None
         self.drafter = drafter.to(self.device, torch.float32).train()
         self.config = drafter.config
         self.block_size = self.config.block_size
-        self.features = TargetFeatures(self.runtime, self.config.target_layer_ids, a.feature_cache)
+        self.features = TargetFeatures(self.runtime, self.config.target_layer_ids, a.feature_cache,
+                                       soft=a.soft_weight > 0)
+        self.feature_width = len(self.config.target_layer_ids) * self.runtime.info.hidden_size
         self.weights = loss_weights(self.block_size, a.gamma or default_gamma(self.block_size))
         self.loss_vocab: torch.Tensor | None = None  # token ids the training loss ranges over
 
@@ -513,11 +561,12 @@ class Trainer:
         micro = [rows[i: i + a.batch_size] for i in range(0, len(rows), a.batch_size)]
         for j, chunk in enumerate(micro):
             items, anchors = self.load_items(self.train_set, chunk, epoch, a.anchors_per_seq)
-            batch = make_batch(items, anchors, self.block_size, self.config.mask_token_id)
+            batch = make_batch(items, anchors, self.block_size, self.config.mask_token_id, self.feature_width)
             sync = j == len(micro) - 1 or self.d.world == 1
             ctx = self.ddp.no_sync() if not sync else contextlib.nullcontext()
             with ctx:
-                loss, _ = forward_loss(self.ddp, self.runtime, batch, self.weights, stats, self.loss_vocab)
+                loss, _ = forward_loss(self.ddp, self.runtime, self.head, batch, self.weights, stats, self.loss_vocab,
+                                       a.soft_weight, self.cpu_bf16)
                 (loss / len(micro)).backward()
             total += loss.item() / len(micro)
         torch.nn.utils.clip_grad_norm_(self.drafter.parameters(), a.clip)
@@ -537,8 +586,9 @@ class Trainer:
         loss_sum = torch.zeros(2)
         for i in range(self.d.rank, len(self.eval_set), self.d.world):
             items, anchors = self.load_items(self.eval_set, [i], -1, self.args.anchors_per_seq)
-            batch = make_batch(items, anchors, self.block_size, self.config.mask_token_id)
-            loss, n = forward_loss(self.drafter, self.runtime, batch, self.weights, stats, self.loss_vocab)
+            batch = make_batch(items, anchors, self.block_size, self.config.mask_token_id, self.feature_width)
+            # hard labels only: held-out losses compare across --soft-weight
+            loss, n = forward_loss(self.drafter, self.runtime, self.head, batch, self.weights, stats, self.loss_vocab)
             loss_sum += torch.tensor([float(loss) * n, n])
         self.drafter.train()
         if self.d.world > 1:

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from dflash.train.blocks import (IGNORE, BlockStats, block_attention_mask, block_loss, build_blocks,
-                                 default_gamma, loss_weights, sample_anchors, valid_anchors)
+                                 default_gamma, loss_weights, sample_anchors, soft_block_loss, valid_anchors)
 
 
 def test_mask_small_case_every_entry():
@@ -87,6 +87,20 @@ def test_block_loss_is_weighted_cross_entropy():
     w = torch.tensor([1.0, 0.5, 0.25, 1.0, 0.1])
     ce = F.cross_entropy(logits, labels, reduction="none")
     assert torch.allclose(block_loss(logits, labels, w), (ce * w).sum() / w.sum())
+
+
+def test_soft_block_loss_by_hand():
+    """Row 1: drafter (1/4, 3/4) against target (1/2, 1/2) costs -(ln 1/4 + ln 3/4) / 2 = 0.836988;
+    row 2: (1/2, 1/2) against itself costs ln 2. Weights 1 and 3."""
+    logits = torch.tensor([[0.0, math.log(3.0)], [2.0, 2.0]])
+    target = torch.tensor([[5.0, 5.0], [-1.0, -1.0]])  # a shift changes no distribution
+    w = torch.tensor([1.0, 3.0])
+    assert soft_block_loss(logits, target, w).item() == pytest.approx((0.836988 + 3 * math.log(2)) / 4, abs=1e-6)
+    # a target sure of one token gives that token's hard-label loss: -ln 3/4
+    sure = torch.tensor([[0.0, 80.0]])
+    assert soft_block_loss(logits[:1], sure, w[:1]).item() == pytest.approx(-math.log(0.75), abs=1e-6)
+    assert soft_block_loss(logits[:1], sure, w[:1]).item() == pytest.approx(
+        block_loss(logits[:1], torch.tensor([1]), w[:1]).item(), abs=1e-6)
 
 
 def test_stats_accuracy_and_simulated_acceptance():

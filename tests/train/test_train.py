@@ -54,7 +54,7 @@ def test_batched_features_equal_one_at_a_time(tiny_target_dir, tmp_path):
         for ids, want, got in zip(seqs, alone, together):
             assert got.shape == (1, len(ids), want.shape[-1])
             assert torch.allclose(got, want, atol=tol, rtol=tol)
-    assert sorted(f.name for f in tmp_path.iterdir()) == ["a-30.pt", "b-7.pt"]
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["a-30-L0_2.pt", "b-7-L0_2.pt"]
 
 
 def test_fit_minutes_sizes_the_schedule_to_the_budget(tiny_target_dir, regen_file, tmp_path):
@@ -242,9 +242,9 @@ def test_loss_vocab_subset_matches_full_softmax_when_it_covers_everything(tiny_t
     items, anchors = trainer.load_items(trainer.train_set, [0, 1], 0, 6)
     batch = T.make_batch(items, anchors, trainer.block_size, trainer.config.mask_token_id)
     everything = torch.arange(trainer.runtime.info.vocab_size)
-    full, n = T.forward_loss(trainer.drafter, trainer.runtime, batch, trainer.weights)
-    same, m = T.forward_loss(trainer.drafter, trainer.runtime, batch, trainer.weights, vocab=everything)
-    part, _ = T.forward_loss(trainer.drafter, trainer.runtime, batch, trainer.weights, vocab=trainer.loss_vocab)
+    full, n = T.forward_loss(trainer.drafter, trainer.runtime, trainer.head, batch, trainer.weights)
+    same, m = T.forward_loss(trainer.drafter, trainer.runtime, trainer.head, batch, trainer.weights, vocab=everything)
+    part, _ = T.forward_loss(trainer.drafter, trainer.runtime, trainer.head, batch, trainer.weights, vocab=trainer.loss_vocab)
     assert n == m > 0
     assert torch.allclose(full.detach(), same.detach(), atol=1e-5)
     assert 0 < part.item() < full.item()
@@ -255,6 +255,68 @@ def test_loss_vocab_subset_matches_full_softmax_when_it_covers_everything(tiny_t
     continued = T.Trainer(tiny_args(tiny_target_dir, regen_file, tmp_path / "next", "--loss-vocab", "30",
                                     "--init-from", str(tmp_path / "run" / "drafter")))
     assert torch.equal(continued.loss_vocab, trainer.loss_vocab)
+
+
+def test_soft_targets_are_the_targets_own_next_token_distribution(tiny_target_dir, regen_file, tmp_path):
+    """--soft-weight: the target's last layer rides along with the features, and the soft loss of
+    block position k of anchor a is taken against the target's own logits at position a+k-1
+    (recomputed here from a plain forward); the mix is (1 - W) * hard + W * soft."""
+    from dflash.train.blocks import soft_block_loss
+
+    trainer = T.Trainer(tiny_args(tiny_target_dir, regen_file, tmp_path / "run", "--soft-weight", "0.25"))
+    hidden = trainer.runtime.info.hidden_size
+    items, anchors = trainer.load_items(trainer.train_set, [0], 0, 6)
+    assert items[0][0].shape[-1] == 3 * hidden  # target layers 0 and 2, then the last layer
+    block = trainer.block_size
+    batch = T.make_batch(items, anchors, block, trainer.config.mask_token_id, trainer.feature_width)
+    assert batch.hidden.shape[-1] == 2 * hidden and batch.soft_hidden.shape[-1] == hidden
+    ids = items[0][1]
+    with torch.no_grad():
+        full = trainer.runtime.model(ids[None]).logits[0]                                   # [n, V]
+        drafted = T.block_hidden(trainer.drafter, trainer.runtime, batch, block)[0] @ trainer.head.T
+        args = (trainer.drafter, trainer.runtime, trainer.head, batch, trainer.weights)
+        hard, n = T.forward_loss(*args)
+        soft, m = T.forward_loss(*args, soft_weight=1.0)
+        mixed, _ = T.forward_loss(*args, soft_weight=0.25)
+    labels = batch.labels[0]
+    valid = labels != T.IGNORE
+    before = anchors[0][:, None] + torch.arange(block - 1)                                  # a + k - 1
+    w = trainer.weights.expand_as(labels)[valid]
+    want = soft_block_loss(drafted[valid], full[before[valid]], w)
+    assert n == m == int(valid.sum()) > 0
+    assert soft.item() == pytest.approx(want.item(), rel=1e-4)
+    assert mixed.item() == pytest.approx(0.75 * hard.item() + 0.25 * soft.item(), rel=1e-5)
+    loss, _ = trainer.train_step()
+    assert loss == loss  # finite, and training runs with soft targets
+
+
+@pytest.mark.real_model
+@pytest.mark.native
+def test_training_reads_the_native_runtime_by_default(regen_file, tmp_path):
+    """A GGUF target on a CPU: training features come from the native runtime (what decoding
+    feeds the drafter by default), bit for bit, and the shipped drafter trains and evaluates on them."""
+    from dflash import default_drafter_path
+    from dflash.runtime.gguf import GGUFRuntime
+
+    trainer = T.Trainer(parse("--data", str(regen_file), "--out", str(tmp_path / "run"), "--device", "cpu",
+                              "--init-from", str(default_drafter_path()), "--max-len", "128", "--anchors-per-seq", "16",
+                              "--grad-accum", "1", "--max-steps", "2", "--eval-fraction", "0.2", "--eval-max-seqs", "4",
+                              "--soft-weight", "0.5", "--no-progress"))
+    assert isinstance(trainer.runtime, GGUFRuntime)
+    ids = trainer.train_set[0][0]
+    got = trainer.features(ids)
+    runtime = trainer.runtime
+    runtime.bind(trainer.config.target_layer_ids)
+    want = runtime.prefill(runtime.new_cache(), ids)[1].features
+    assert torch.equal(got[..., : trainer.feature_width], want)
+    # the last layer's part is the final-normed state: the head over it gives the runtime's logits
+    # (within the 8-bit rounding of the activations the native head applies)
+    logits = runtime.prefill(runtime.new_cache(), ids, logits=True)[1].logits[0, -1]
+    ours = got[0, -1, trainer.feature_width:] @ trainer.head.T
+    assert torch.equal(ours.argmax(), logits.argmax()) and (ours - logits).abs().max() < 0.5
+    assert trainer.evaluate()["eval_tau"] > 1.5  # the shipped drafter on the features decoding gives it
+    loss, _ = trainer.train_step()
+    assert 0 < loss < 10
 
 
 def test_init_from_keeps_weights_and_takes_the_new_block_size(tiny_target_dir, regen_file, tmp_path):
@@ -283,8 +345,8 @@ def test_init_from_with_more_layers_starts_from_the_same_drafts(tiny_target_dir,
     items, anchors = deeper.load_items(deeper.train_set, [0, 1], 0, 6)
     batch = T.make_batch(items, anchors, deeper.block_size, deeper.config.mask_token_id)
     with torch.no_grad():
-        want, _ = T.forward_loss(source, deeper.runtime, batch, deeper.weights)
-        got, _ = T.forward_loss(deeper.drafter, deeper.runtime, batch, deeper.weights)
+        want, _ = T.forward_loss(source, deeper.runtime, deeper.head, batch, deeper.weights)
+        got, _ = T.forward_loss(deeper.drafter, deeper.runtime, deeper.head, batch, deeper.weights)
     assert torch.allclose(got, want, atol=1e-5)
     deeper.train_step()
     assert deeper.drafter.layers[1].mlp.down_proj.weight.abs().sum() > 0
