@@ -12,7 +12,7 @@ import torch
 from dflash.config import DEFAULT_MAX_NEW_TOKENS, DEFAULT_TARGET
 from dflash.errors import DFlashError
 from dflash.runtime.loader import CPU_WEIGHTS
-from dflash.runtime.packed import CPU_WEIGHT_FORMATS, apply_cpu_weights
+from dflash.runtime.packed import apply_cpu_weights
 
 
 CPU_WEIGHTS_HELP = (
@@ -29,10 +29,8 @@ COMPILE_HELP = ("with --cpu-weights fp16 on a Llama-architecture target: run its
                 "~/.cache/dflash/inductor)")
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, draft: bool = True, compile: bool = True,
-                        native: bool = True) -> None:
-    """--target, --draft, --device, --dtype, --cpu-weights (`native`: with the native GGUF runtime
-    among its choices, the default), --compile."""
+def add_model_arguments(parser: argparse.ArgumentParser, draft: bool = True, compile: bool = True) -> None:
+    """--target, --draft, --device, --dtype, --cpu-weights, --compile."""
     group = parser.add_argument_group("models")
     group.add_argument("--target", default=None, metavar="NAME_OR_PATH",
                        help=f"target model: a Hub id, a local folder or a .gguf file "
@@ -44,10 +42,7 @@ def add_model_arguments(parser: argparse.ArgumentParser, draft: bool = True, com
     group.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     group.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
                        help="compute dtype (default: float32 on CPU, bfloat16 on GPU)")
-    group.add_argument("--cpu-weights", default="auto" if native else "float32",
-                       choices=list(CPU_WEIGHTS if native else CPU_WEIGHT_FORMATS), help=CPU_WEIGHTS_HELP
-                       if native else "fp16: half-precision linear weights, ~1.8x faster on a 2-core CPU; "
-                       "float32: the model as loaded (default)")
+    group.add_argument("--cpu-weights", default="auto", choices=list(CPU_WEIGHTS), help=CPU_WEIGHTS_HELP)
     if compile:
         group.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 

@@ -26,15 +26,17 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "or a Hugging Face Hub dataset id")
     p.add_argument("--out", required=True, help="output file (.jsonl.gz or .jsonl); appended to")
     p.add_argument("--data-dir", default=None, help="datasets folder (default: $DFLASH_DATA_DIR)")
-    # --target, --device, --dtype, --cpu-weights (fp16 answers ~1.8x faster on a 2-core CPU)
-    add_model_arguments(p, draft=False, compile=False, native=False)  # answers come from transformers' generate
+    # --target, --device, --dtype, --cpu-weights (default auto: the native GGUF runtime for a GGUF target on a
+    # CPU, the fastest; answers are decoded through the runtime interface, so every choice works)
+    add_model_arguments(p, draft=False, compile=False)
     p.add_argument("--max-new-tokens", type=int, default=512, help="reply length cap per turn (default 512)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--num-prompts", "--limit", dest="limit", type=int, default=None,
                    help="answer at most this many of the selected rows")
     p.add_argument("--offset", type=int, default=0, help="first row index (default 0)")
     p.add_argument("--stride", type=int, default=1, help="take every STRIDE-th row, e.g. --offset 1 --stride 2 for odd rows")
-    p.add_argument("--batch-size", type=int, default=8, help="conversations per generate call (default 8)")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="conversations decoded together, as rows of one cache (default 8)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=run_data)
@@ -50,8 +52,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run_data(args: argparse.Namespace) -> int:
-    import torch
-
     from dflash.runtime.loader import load_target
     from dflash.train.data import done_ids, find_pool, regenerate, select
 
@@ -66,10 +66,10 @@ def run_data(args: argparse.Namespace) -> int:
     print(f"dflash data: {len(rows)} rows in the pools, {len(todo)} to answer -> {out}", flush=True)
     if not todo:
         return 0
-    torch.manual_seed(args.seed)
     runtime, tokenizer = load_target(args.target, dtype=args.dtype, device=args.device, cpu_weights=args.cpu_weights)
-    n = regenerate(todo, runtime.model, tokenizer, out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                   temperature=args.temperature, progress=not args.no_progress)
+    print(f"dflash data: target {runtime.info.precision} on {runtime.info.device}", flush=True)
+    n = regenerate(todo, runtime, tokenizer, out, batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                   temperature=args.temperature, seed=args.seed, progress=not args.no_progress)
     print(f"dflash data: wrote {n} conversations to {out}")
     return 0
 

@@ -2,7 +2,11 @@
 
 A drafter must learn the target's own distribution, so the answers in the prompt sets are not
 used: the target answers every prompt (multi-turn rows get its own earlier answers fed back).
-Each finished conversation is appended to the output at once (one gzip member per batch), so an
+Answers are decoded through the runtime interface (dflash/runtime/base.py), a batch of
+conversations as rows of one cache, so every runtime `load_target` gives works: the native GGUF
+runtime (the CPU default for a GGUF target: the fastest, and a step of several rows costs little
+more than one), the fp16 lean forward, or transformers (float32 on a CPU, or a GPU). Each
+finished conversation is appended to the output at once (one gzip member per batch), so an
 interrupted run loses nothing and a rerun skips the ids already written.
 """
 
@@ -12,11 +16,12 @@ import gzip
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
 from dflash.datasets import find_rows, open_text, read_jsonl
+from dflash.decode.sampling import SamplingParams, logits_to_probs, sample
 
 
 def find_pool(name: str, data_dir: str | None = None) -> list[dict[str, Any]]:
@@ -59,43 +64,89 @@ def append_rows(out: Path, rows: list[dict[str, Any]]) -> None:
 
 
 @torch.no_grad()
-def answer_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], stops: list[int],
-                 max_new_tokens: int, temperature: float) -> list[tuple[str, str, int]]:
-    """The target's next reply to each conversation: (text, finish, new token count). Left
-    padding, one `generate` call; a reply ends at its first stop token (not kept in the text)."""
+def decode_rows(runtime: Any, prompts: list[list[int]], stops: Sequence[int], max_new_tokens: int,
+                temperature: float = 0.0, generator: torch.Generator | None = None) -> list[tuple[list[int], bool]]:
+    """Each prompt's reply tokens (without the stop token) and whether a stop token ended it.
+
+    The prompts are decoded together as rows of one runtime cache: one prefill each, then one
+    step for all rows still going, one token per row, so the runtime pays for a step once per
+    batch rather than once per prompt. Rows do not affect each other (bit for bit in the native
+    and fp16 runtimes, to float rounding in transformers': tests/runtime/test_contract.py), so a
+    greedy reply is the one its prompt gets decoded alone. A reply stops at a stop token, at
+    `max_new_tokens` tokens (the stop token counted), or where prompt and reply fill the
+    target's context (so the conversation still fits in it for training). Sampling
+    (temperature > 0) draws from the softmax of the logits with `generator`."""
+    stops = set(stops)
+    limit = runtime.info.max_positions
+    device = runtime.info.device
+    sampled = temperature > 0
+
+    def choose(out: Any) -> list[int]:  # the next token of every row of a prefill or step
+        if not sampled:
+            return out.tokens[:, -1].tolist()
+        return sample(logits_to_probs(out.logits[:, -1], SamplingParams(temperature)), generator).tolist()
+
+    cache = runtime.new_cache(len(prompts))
+    replies: list[list[int]] = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
+    going: list[tuple[int, int]] = []  # (prompt index, cache row) of the rows still decoding
+    tokens: list[int] = []             # each going row's newest token, not yet run
+    for i, prompt in enumerate(prompts):
+        if len(prompt) < limit:  # (a prompt that fills the context gets an empty reply)
+            row, out = runtime.prefill(cache, torch.tensor(prompt, dtype=torch.long, device=device), logits=sampled)
+            going.append((i, row))
+            tokens += choose(out)
+    while going:
+        still, ids, done = [], [], []
+        for (i, row), token in zip(going, tokens):
+            if token in stops:
+                stopped[i] = True
+            else:
+                replies[i].append(token)
+            if stopped[i] or len(replies[i]) >= max_new_tokens or len(prompts[i]) + len(replies[i]) >= limit:
+                done.append(row)
+            else:
+                still.append((i, row))
+                ids.append(token)
+        runtime.drop(cache, done)
+        going = still
+        if going:
+            rows = [row for _, row in going]
+            out = runtime.step(cache, rows, torch.tensor(ids, dtype=torch.long, device=device)[:, None],
+                               logits=sampled)
+            runtime.commit(cache, rows, [1] * len(rows))
+            tokens = choose(out)
+    return list(zip(replies, stopped))
+
+
+def answer_batch(runtime: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], stops: Sequence[int],
+                 max_new_tokens: int, temperature: float = 0.0,
+                 generator: torch.Generator | None = None) -> list[tuple[str, str, int]]:
+    """The target's next reply to each conversation: (text, finish, new token count). finish is
+    "stop" when a stop token ended the reply (counted in the tokens, not kept in the text), else
+    "length"."""
     from dflash.runtime.loader import chat_input_ids
 
     prompts = [chat_input_ids(tokenizer, c) for c in conversations]
-    width = max(len(p) for p in prompts)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    attention = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p):] = torch.tensor(p)
-        attention[i, width - len(p):] = 1
-    sampling = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0) if temperature > 0 else \
-        dict(do_sample=False, temperature=None, top_p=None, top_k=None)
-    out = model.generate(input_ids=ids.to(model.device), attention_mask=attention.to(model.device),
-                         max_new_tokens=max_new_tokens, eos_token_id=stops, pad_token_id=pad, **sampling)
     replies = []
-    for row in out[:, width:].tolist():
-        cut = next((i for i, t in enumerate(row) if t in stops), None)
-        tokens = row if cut is None else row[:cut]
-        replies.append((tokenizer.decode(tokens, skip_special_tokens=True), "length" if cut is None else "stop",
-                        len(tokens) + (cut is not None)))
+    for tokens, stopped in decode_rows(runtime, prompts, stops, max_new_tokens, temperature, generator):
+        replies.append((tokenizer.decode(tokens, skip_special_tokens=True), "stop" if stopped else "length",
+                        len(tokens) + int(stopped)))
     return replies
 
 
-def regenerate(rows: list[tuple[int, dict[str, Any]]], model: Any, tokenizer: Any, out: Path, *,
-               batch_size: int = 8, max_new_tokens: int = 512, temperature: float = 0.0,
+def regenerate(rows: list[tuple[int, dict[str, Any]]], runtime: Any, tokenizer: Any, out: Path, *,
+               batch_size: int = 8, max_new_tokens: int = 512, temperature: float = 0.0, seed: int = 0,
                progress: bool = True) -> int:
-    """Answer (id, row) pairs in batches, appending each finished batch to `out`. Returns the
-    number of conversations written."""
+    """Answer (id, row) pairs in batches through `runtime` (any runtime: load_target's),
+    appending each finished batch to `out`. Returns the number of conversations written.
+    Sampling draws from one generator seeded with `seed`, so a run is reproducible."""
     from tqdm import tqdm
 
     from dflash.runtime.loader import stop_token_ids
 
-    stops = stop_token_ids(tokenizer, model)
+    stops = stop_token_ids(tokenizer, runtime)
+    generator = torch.Generator(device=runtime.info.device).manual_seed(seed)
     written = 0
     bar = tqdm(total=len(rows), desc="regenerating", unit="conv", disable=not progress, dynamic_ncols=True)
     for start in range(0, len(rows), batch_size):
@@ -107,7 +158,8 @@ def regenerate(rows: list[tuple[int, dict[str, Any]]], model: Any, tokenizer: An
             active = [i for i, (_, r) in enumerate(chunk) if turn < len(r["turns"])]
             for i in active:
                 convs[i].append({"role": "user", "content": chunk[i][1]["turns"][turn]})
-            replies = answer_batch(model, tokenizer, [convs[i] for i in active], stops, max_new_tokens, temperature)
+            replies = answer_batch(runtime, tokenizer, [convs[i] for i in active], stops, max_new_tokens,
+                                   temperature, generator)
             for i, (text, fin, n) in zip(active, replies):
                 convs[i].append({"role": "assistant", "content": text})
                 finish[i], new[i] = fin, new[i] + n

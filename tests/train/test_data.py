@@ -4,10 +4,13 @@ import gzip
 import json
 
 import pytest
+import torch
+from helpers import tiny_gguf
 
 from dflash.cli.main import main
+from dflash.decode.engine import generate
 from dflash.errors import DFlashError
-from dflash.train.data import append_rows, done_ids, find_pool, regenerate, select
+from dflash.train.data import append_rows, decode_rows, done_ids, find_pool, regenerate, select
 from dflash.datasets import read_jsonl
 from dflash.runtime.loader import load_target
 from dflash.train.dataset import is_held_out, load_conversations, split_rows, tokenize_conversation
@@ -105,8 +108,8 @@ def test_data_command_appends_and_resumes(tmp_path, tiny_target_dir, capsys):
 
 
 def test_data_command_on_fp16_cpu_weights(tmp_path, tiny_target_dir):
-    """`--cpu-weights fp16` (the faster way to regenerate on a CPU: ~1.8x at batch 16) answers
-    with the fp16-packed target: the same rows as loading that target and regenerating directly."""
+    """`--cpu-weights fp16` (faster than float32 for a target that is not a GGUF file) answers
+    with the fp16 lean runtime: the same rows as loading that target and regenerating directly."""
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps({"turns": [f"Count to {i}"], "source": "t"}) + "\n" for i in range(4)))
     out = tmp_path / "fp16.jsonl"
@@ -114,7 +117,42 @@ def test_data_command_on_fp16_cpu_weights(tmp_path, tiny_target_dir):
                  "--batch-size", "4", "--no-progress", "--device", "cpu", "--cpu-weights", "fp16"]) == 0
     runtime, tokenizer = load_target(str(tiny_target_dir), device="cpu", cpu_weights="fp16")
     direct = tmp_path / "direct.jsonl"
-    regenerate(list(enumerate(find_pool(str(pool), None))), runtime.model, tokenizer, direct, batch_size=4,
+    regenerate(list(enumerate(find_pool(str(pool), None))), runtime, tokenizer, direct, batch_size=4,
                max_new_tokens=8, progress=False)
     assert [r["id"] for r in read_jsonl(out)] == [0, 1, 2, 3]
     assert list(read_jsonl(out)) == list(read_jsonl(direct))
+
+
+@pytest.mark.native
+def test_batched_rows_are_plain_decoding_through_the_native_runtime(tmp_path):
+    """Conversations decoded together as rows of one native cache get exactly the tokens plain
+    one-row decoding gives each, in batches of 1 and 3: one row stopped early by a stop token,
+    one cut by the token cap, one by the 256-token context. Sampling repeats with its seed."""
+    from dflash.runtime.gguf import GGUFRuntime
+
+    runtime = GGUFRuntime(tiny_gguf(tmp_path / "t.gguf", kind="Q4_0", layers=2))
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(1, 96, (n,), generator=g).tolist() for n in (3, 11, 1, 7, 250)]
+    stop = generate(runtime, None, prompts[0], max_new_tokens=12).new_tokens[5]  # ends the first row early
+    plain = [generate(runtime, None, p, max_new_tokens=12, stop_token_ids=[stop]).new_tokens for p in prompts]
+    for size in (1, 3):
+        got = [r for i in range(0, len(prompts), size) for r in decode_rows(runtime, prompts[i: i + size], [stop], 12)]
+        assert [tokens + [stop] * stopped for tokens, stopped in got] == plain
+    assert got[0][1] and len(got[0][0]) < 11
+    assert any(not stopped and len(tokens) == 12 for tokens, stopped in got)
+    assert got[4][1] or len(got[4][0]) == 256 - 250
+    sampled = [decode_rows(runtime, prompts[:3], [stop], 12, 1.0, torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert sampled[0] == sampled[1]
+
+
+def test_data_command_sampling_is_reproducible(tmp_path, tiny_target_dir):
+    """--temperature > 0 samples (other seeds, other answers) and a seed repeats a run."""
+    pool = tmp_path / "pool.jsonl"
+    pool.write_text("".join(json.dumps({"turns": [f"Tell me about {i}"], "source": "t"}) + "\n" for i in range(3)))
+    texts = []
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        out = tmp_path / f"{name}.jsonl"
+        assert main(["data", str(pool), "--target", str(tiny_target_dir), "--out", str(out), "--max-new-tokens", "8",
+                     "--batch-size", "2", "--no-progress", "--temperature", "1.0", "--seed", seed]) == 0
+        texts.append([r["messages"][-1]["content"] for r in read_jsonl(out)])
+    assert texts[0] == texts[1] != texts[2]
