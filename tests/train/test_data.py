@@ -108,8 +108,8 @@ def test_data_command_appends_and_resumes(tmp_path, tiny_target_dir, capsys):
 
 
 def test_data_command_on_fp16_cpu_weights(tmp_path, tiny_target_dir):
-    """`--cpu-weights fp16` (faster than float32 for a target that is not a GGUF file) answers
-    with the fp16 lean runtime: the same rows as loading that target and regenerating directly."""
+    """`--cpu-weights fp16` answers with the fp16 lean runtime: the same rows as loading that
+    target and regenerating directly."""
     pool = tmp_path / "pool.jsonl"
     pool.write_text("".join(json.dumps({"turns": [f"Count to {i}"], "source": "t"}) + "\n" for i in range(4)))
     out = tmp_path / "fp16.jsonl"
