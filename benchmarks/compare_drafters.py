@@ -1,4 +1,4 @@
-"""Drafters and draft thresholds against plain decoding, interleaved prompt by prompt, on the compiled fp16 target.
+"""Drafters and draft thresholds against plain decoding, interleaved prompt by prompt, on the default CPU target.
 
 One run, the same prompts, every drafter and plain decoding back to back on each prompt (machine
 noise hits all alike): tokens/s, the ratio to plain decoding, tau and the identity of each
@@ -20,9 +20,9 @@ from typing import Any, Sequence
 
 import torch
 
-from common import cpu_description, drafter as load_drafter, prompts as eval_inputs
-from dflash import default_drafter_path, load_target
-from dflash.cli.common import announce_and_compile
+from common import cpu_description, prompts as eval_inputs
+from dflash import DFlashDraftModel, default_drafter_path, load_target
+from dflash.cli.common import prepare_drafter
 from dflash.decode.engine import generate
 from dflash.runtime.loader import stop_token_ids
 
@@ -31,8 +31,7 @@ def interleaved_runs(model: Any, tokenizer: Any, drafters: dict[str, Any], *, da
                      prompts: int = 10, skip: int = 0, new_tokens: int = 256, block_size: int = 4,
                      thresholds: Sequence[float] = (0.1,), data_dir: str | None = None) -> None:
     """Decode each prompt with plain decoding, then with every drafter at every threshold; print
-    one table row each. A compiled target compiles its step shapes first, outside the timings."""
-    announce_and_compile(model, next(iter(drafters.values())), block_size)
+    one table row each."""
     stops = stop_token_ids(tokenizer, model)
     inputs = eval_inputs(tokenizer, prompts, dataset, skip, data_dir)
     runs = {"(plain decoding)": (None, 0.0)}  # plain first: the reference
@@ -56,20 +55,12 @@ def interleaved_runs(model: Any, tokenizer: Any, drafters: dict[str, Any], *, da
             t[3] += int(torch.equal(stats.output_ids, reference))
     plain_rate = totals["(plain decoding)"][0] / totals["(plain decoding)"][1]
     print(f"{len(inputs)} {dataset} prompts (from #{skip}) x up to {new_tokens} tokens, block {block_size}, "
-          f"threshold {', '.join(f'{t:g}' for t in thresholds)}, fp16 compiled target")
+          f"threshold {', '.join(f'{t:g}' for t in thresholds)}, target {model.info.precision}")
     print("| drafter | tok/s | vs plain | tau | identical to plain |")
     print("|---|---|---|---|---|")
     for name, (n, s, steps, same) in totals.items():
         rate = n / s
         print(f"| {name} | {rate:.2f} | {rate / plain_rate:.2f}x | {n / steps:.2f} | {same}/{len(inputs)} |")
-
-
-def compiled_target() -> tuple[Any, Any]:
-    """The embedded target with packed fp16 weights and compiled decoding steps. Load it before
-    any drafter: its layers' slot numbers are part of the compiled graphs, and packing it first
-    keeps those the CLI gives them, so inductor's disk cache hits."""
-    torch.set_num_threads(2)
-    return load_target(device="cpu", cpu_weights="fp16", compile=True)
 
 
 def main() -> None:
@@ -85,8 +76,9 @@ def main() -> None:
     p.add_argument("--data-dir", default=None)
     args = p.parse_args()
     print(f"cpu: {cpu_description()}", flush=True)
-    model, tokenizer = compiled_target()
-    drafters = {path: load_drafter(path, "fp16") for path in args.draft or [str(default_drafter_path())]}
+    model, tokenizer = load_target(device="cpu")  # the product's default: the native runtime on the GGUF
+    drafters = {path: prepare_drafter(DFlashDraftModel.from_pretrained(path, device="cpu"), model)
+                for path in args.draft or [str(default_drafter_path())]}
     interleaved_runs(model, tokenizer, drafters, dataset=args.dataset, prompts=args.prompts, skip=args.skip,
                      new_tokens=args.new_tokens, block_size=args.block_size, thresholds=args.draft_threshold,
                      data_dir=args.data_dir)
