@@ -19,7 +19,7 @@ import torch
 from common import cpu_description
 from gguf import GGMLQuantizationType, quants
 
-from dflash.runtime.gguf import NativeLinear, library
+from dflash.runtime.gguf import NativeLinear, library, select_isa
 
 SHAPES = {"q/o 576x576": (576, 576), "gate+up 576x3072": (576, 3072), "down 1536x576": (1536, 576)}
 ROWS = (1, 4, 8)
@@ -51,13 +51,17 @@ def main() -> None:
     from torchao.quantization import Int8DynamicActivationInt8WeightConfig, quantize_
 
     torch.manual_seed(0)
-    print(f"# {cpu_description()}, torch threads {torch.get_num_threads()}")
+    threads = torch.get_num_threads()
+    library().dfl_set_threads(threads)  # as the native runtime sets them: every core, its best kernels
+    isa = select_isa()
+    print(f"# {cpu_description()}; torch and native threads {threads}; native kernels {isa}")
     print("| shape | rows | torchao eager us | torchao compiled us | native Q8_0 us | native Q4_1 us | row-exact: torchao eager / compiled / native |")
     print("|---|---|---|---|---|---|---|")
     for name, (k, n) in SHAPES.items():
         layer = torch.nn.Sequential(torch.nn.Linear(k, n, bias=False))
         weight = layer[0].weight.detach().clone()
         quantize_(layer, Int8DynamicActivationInt8WeightConfig())
+        torch._dynamo.reset()  # one compiled graph per shape and row count, none evicted
         compiled = torch.compile(layer, dynamic=False)
         q8, q4 = native(weight, "Q8_0"), native(weight, "Q4_1")
         for rows in ROWS:

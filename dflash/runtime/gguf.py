@@ -97,6 +97,7 @@ def library() -> Any:
     lib.dfl_linear_free.argtypes = [p]
     lib.dfl_linear.argtypes = [p, p, i, p]
     _LIBRARY["lib"] = lib
+    select_isa()  # the best kernels from the start (or $DFLASH_ISA), not only once a runtime is made
     return lib
 
 
