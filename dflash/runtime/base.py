@@ -79,6 +79,10 @@ class TargetRuntime(Protocol):
     def lm_head(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of every token, or of the token ids in `vocab` only (in that order)."""
 
+    def head_weight(self) -> torch.Tensor:
+        """Training: the LM head as one float32 matrix [vocab, hidden] (the drafter's loss is
+        differentiated through it)."""
+
     def features(self, seqs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
         """Training: features ([1, n_i, F]) of whole sequences, with the numbers decoding computes."""
 

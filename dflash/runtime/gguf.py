@@ -56,22 +56,15 @@ class _Config(ctypes.Structure):
 _LIBRARY: dict[str, Any] = {}
 
 
-def _cpu_flags() -> bytes:
-    """What the CPU reports it can do (the library is built for it: -march=native)."""
-    try:
-        return next((line for line in Path("/proc/cpuinfo").read_bytes().splitlines() if line.startswith(b"flags")), b"")
-    except OSError:
-        return os.uname().machine.encode()
-
-
 def library() -> Any:
     """The native runtime's library: built on first use for this CPU, cached by source and CPU."""
     if "lib" in _LIBRARY:
         return _LIBRARY["lib"]
     from dflash.runtime.loader import cache_dir
-    from dflash.runtime.native import compile_library
+    from dflash.runtime.native import compile_library, cpu_flags
 
-    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_flags()).hexdigest()[:16]
+    # built with -march=native: keyed by what the CPU can do
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(sorted(cpu_flags())).encode()).hexdigest()[:16]
     path = cache_dir() / "native" / key / "libdflash_gguf.so"
     if not path.exists():
         compile_library(SOURCE, path, ["-O3", "-march=native", "-ffp-contract=off", "-pthread", "-std=c++17"],

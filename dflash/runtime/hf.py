@@ -24,7 +24,7 @@ import torch
 from dflash.errors import UnsupportedTargetError
 from dflash.runtime import buffers
 from dflash.runtime.base import StepOutput, TargetInfo
-from dflash.runtime.packed import PackedFp16Linear, rows_of
+from dflash.runtime.packed import PackedFp16Linear, rows_of, weight_of
 from dflash.runtime.rollback import CacheRollback
 
 
@@ -73,6 +73,10 @@ class ModelRuntime:
         if self._vocab_head is None or self._vocab_head[0] is not vocab:
             self._vocab_head = (vocab, rows_of(self.head, vocab))
         return self._vocab_head[1](hidden)
+
+    def head_weight(self) -> torch.Tensor:
+        """The weight the head computes with, as float32 (packed fp16: its fp16 values)."""
+        return weight_of(self.head)
 
     @torch.no_grad()
     def features(self, seqs: Sequence[torch.Tensor]) -> list[torch.Tensor]:

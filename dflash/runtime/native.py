@@ -38,6 +38,15 @@ def _compiler() -> str | None:
     return None
 
 
+def cpu_flags() -> set[str]:
+    """The feature flags the CPU reports (/proc/cpuinfo; elsewhere just the machine type)."""
+    try:
+        line = next((line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags")), "")
+        return set(line.partition(":")[2].split())
+    except OSError:
+        return {os.uname().machine}
+
+
 def compile_library(source: Path, library: Path, flags: list[str], what: str, without: str) -> None:
     """Compile `source` into the shared library `library` with the machine's C++ compiler, saying
     so once on stderr; `what` names it in messages, `without` says what runs without a compiler."""

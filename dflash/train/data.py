@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from dflash.datasets import find_rows, open_text, read_jsonl
-from dflash.decode.sampling import SamplingParams, logits_to_probs, sample
+from dflash.decode.sampling import SamplingParams
 
 
 def find_pool(name: str, data_dir: str | None = None) -> list[dict[str, Any]]:
@@ -68,55 +68,29 @@ def decode_rows(runtime: Any, prompts: list[list[int]], stops: Sequence[int], ma
                 temperature: float = 0.0, generator: torch.Generator | None = None) -> list[tuple[list[int], bool]]:
     """Each prompt's reply tokens (without the stop token) and whether a stop token ended it.
 
-    The prompts are decoded together as rows of one runtime cache: one prefill each, then one
-    step for all rows still going, one token per row, so the runtime pays for a step once per
-    batch rather than once per prompt. Rows do not affect each other (bit for bit in the native
-    and fp16 runtimes, to float rounding in transformers': tests/runtime/test_contract.py), so a
+    The prompts are decoded together as rows of one cache by the engine's own step at block
+    size 1 (plain decoding, dflash/decode/step.py), so the runtime pays for a step once per batch
+    rather than once per prompt. Rows do not affect each other (bit for bit in the native and
+    fp16 runtimes, to float rounding in transformers': tests/runtime/test_contract.py), so a
     greedy reply is the one its prompt gets decoded alone. A reply stops at a stop token, at
     `max_new_tokens` tokens (the stop token counted), or where prompt and reply fill the
-    target's context (so the conversation still fits in it for training). Sampling
-    (temperature > 0) draws from the softmax of the logits with `generator`."""
-    stops = set(stops)
+    target's context (so the conversation still fits in it for training); a prompt that fills
+    it alone gets an empty reply. Sampling (temperature > 0) draws with `generator`."""
+    from dflash.decode.step import Speculator
+
+    step = Speculator(runtime, None, block_size=1, stop_token_ids=stops, max_rows=len(prompts))
+    sampling = SamplingParams(temperature)
     limit = runtime.info.max_positions
-    device = runtime.info.device
-    sampled = temperature > 0
-
-    def choose(out: Any) -> list[int]:  # the next token of every row of a prefill or step
-        if not sampled:
-            return out.tokens[:, -1].tolist()
-        return sample(logits_to_probs(out.logits[:, -1], SamplingParams(temperature)), generator).tolist()
-
-    cache = runtime.new_cache(len(prompts))
-    replies: list[list[int]] = [[] for _ in prompts]
-    stopped = [False] * len(prompts)
-    going: list[tuple[int, int]] = []  # (prompt index, cache row) of the rows still decoding
-    tokens: list[int] = []             # each going row's newest token, not yet run
-    for i, prompt in enumerate(prompts):
-        if len(prompt) < limit:  # (a prompt that fills the context gets an empty reply)
-            row, out = runtime.prefill(cache, torch.tensor(prompt, dtype=torch.long, device=device), logits=sampled)
-            going.append((i, row))
-            tokens += choose(out)
-    while going:
-        still, ids, done = [], [], []
-        for (i, row), token in zip(going, tokens):
-            if token in stops:
-                stopped[i] = True
-            else:
-                replies[i].append(token)
-            if stopped[i] or len(replies[i]) >= max_new_tokens or len(prompts[i]) + len(replies[i]) >= limit:
-                done.append(row)
-            else:
-                still.append((i, row))
-                ids.append(token)
-        runtime.drop(cache, done)
-        going = still
-        if going:
-            rows = [row for _, row in going]
-            out = runtime.step(cache, rows, torch.tensor(ids, dtype=torch.long, device=device)[:, None],
-                               logits=sampled)
-            runtime.commit(cache, rows, [1] * len(rows))
-            tokens = choose(out)
-    return list(zip(replies, stopped))
+    rows = [step.start(torch.tensor(p, dtype=torch.long), max_new_tokens, sampling, generator)
+            if len(p) < limit else None for p in prompts]
+    while step.rows:
+        step.step()
+    replies = []
+    for row in rows:
+        tokens = row.stats.new_tokens if row is not None else []
+        stopped = row is not None and row.stats.finish_reason == "stop"
+        replies.append((tokens[:-1] if stopped else tokens, stopped))
+    return replies
 
 
 def answer_batch(runtime: Any, tokenizer: Any, conversations: list[list[dict[str, str]]], stops: Sequence[int],

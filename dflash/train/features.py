@@ -1,6 +1,5 @@
 """Frozen target features for training, computed by the target's runtime (the numbers decoding
-feeds the drafter), optionally cached on disk for later epochs, and the target's LM head as a
-float32 matrix (the drafter's loss is differentiated through it).
+feeds the drafter), optionally cached on disk for later epochs.
 
 With `soft=True` the target's last layer (its final-normed hidden state, as every runtime hands
 it out) rides along with the features: the target's own next-token distribution at each
@@ -24,8 +23,7 @@ class TargetFeatures:
     def __init__(self, target: Any, layer_ids: list[int], cache_dir: str | Path | None = None,
                  soft: bool = False) -> None:
         self.runtime = as_runtime(target)
-        self.drafter_layers = list(layer_ids)
-        self.layer_ids = self.drafter_layers + ([self.runtime.info.num_layers - 1] if soft else [])
+        self.layer_ids = list(layer_ids) + ([self.runtime.info.num_layers - 1] if soft else [])
         self.runtime.bind(self.layer_ids)
         self.cache_dir = Path(cache_dir) if cache_dir else None
         if self.cache_dir:
@@ -71,12 +69,3 @@ class TargetFeatures:
             torch.save(feats.to("cpu", torch.bfloat16).clone(), tmp)
             tmp.replace(path)
 
-
-def head_weight(runtime: Any) -> torch.Tensor:
-    """The target's LM head as one float32 matrix [vocab, hidden] on the runtime's device: the
-    GGUF runtime's dequantised head, or the weight a transformers head computes with."""
-    if hasattr(runtime, "head_weight"):
-        return runtime.head_weight()
-    from dflash.runtime.packed import weight_of
-
-    return weight_of(runtime.head)

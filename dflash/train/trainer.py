@@ -246,11 +246,9 @@ def _autocast(device: torch.device, cpu_bf16: bool = False):
 def cpu_bf16_fast() -> bool:
     """Whether this CPU multiplies bf16 matrices natively (AVX-512 BF16 or AMX): there bf16
     products run ~2.5x faster than float32 ones; elsewhere they are emulated, and slower."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    from dflash.runtime.native import cpu_flags
+
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def block_hidden(drafter: Any, target: Any, batch: Batch, block_size: int, cpu_bf16: bool = False) -> torch.Tensor:
@@ -293,7 +291,7 @@ def forward_loss(drafter: Any, target: Any, head: torch.Tensor, batch: Batch, we
     if ids is not None:
         targets = torch.searchsorted(ids, targets)
     w = weights.to(device).expand_as(labels)[valid]
-    loss = block_loss(logits, targets, w) if soft_weight < 1 else logits.sum() * 0.0
+    loss = block_loss(logits, targets, w) if soft_weight < 1 else 0.0
     if soft_weight > 0:
         # the target's distribution for token a+k is its output at position a+k-1
         before = batch.positions.to(device).view(labels.shape[0], -1, block_size)[:, :, :-1]  # [b, n_a, B-1]
@@ -342,7 +340,7 @@ class Trainer:
     def __init__(self, args: argparse.Namespace) -> None:
         from dflash.model.drafter import DFlashDraftModel
         from dflash.runtime.loader import load_target
-        from dflash.train.features import TargetFeatures, head_weight
+        from dflash.train.features import TargetFeatures
 
         check_arguments(args)
         self.args = a = args
@@ -361,7 +359,7 @@ class Trainer:
         # the native runtime leaves torch one thread (decoding's small operators); here torch runs the
         # drafter's forward and backward, the larger part of a step, in turn with the native features
         torch.set_num_threads(threads)
-        self.head = head_weight(self.runtime).to(self.device)  # frozen; the loss is differentiated through it
+        self.head = self.runtime.head_weight().to(self.device)  # frozen; the loss is differentiated through it
         self.cpu_bf16 = a.cpu_bf16 == "on" or (a.cpu_bf16 == "auto" and cpu_bf16_fast())
 
         if state is not None:
