@@ -72,7 +72,7 @@ class Speculator:
         self.stops = set(stop_token_ids)
         self.device = runtime.info.device
         self.cache = runtime.new_cache(max_rows)
-        self.drafts = DraftRows(drafter, runtime) if self.drafting else None
+        self.drafts = (runtime.draft_rows(drafter) or DraftRows(drafter, runtime)) if self.drafting else None
         self.rows: list[Row] = []
 
     def check_prompt(self, n: int) -> None:

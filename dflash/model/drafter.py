@@ -332,7 +332,7 @@ class DFlashDraftModel(nn.Module):
         n_ctx, n_block = context_features.shape[1], block_ids.shape[1]
         extra = self.block_size - n_block
         if extra > 0:
-            block_ids = torch.cat([block_ids, block_ids.new_full((block_ids.shape[0], extra), self.mask_token_id)], 1)
+            block_ids = self.full_block(block_ids)
             if positions is not None:
                 tail = positions[1][..., -1:] + torch.arange(1, extra + 1, device=positions[1].device)
                 positions = (positions[0], torch.cat([positions[1], tail], dim=-1))
@@ -344,7 +344,16 @@ class DFlashDraftModel(nn.Module):
             positions = (span[:n_ctx], span[n_ctx:])
         noise = target.embed(block_ids).to(self.dtype)
         hidden = self(noise, context_features.to(self.dtype), positions[0], positions[1], cache, attn_mask)
-        hidden = hidden[:, 1:n_block]
+        return self.drafts_of(target, hidden[:, 1:n_block])
+
+    def full_block(self, block_ids: torch.Tensor) -> torch.Tensor:
+        """A block ([b, B]) extended with masks to the trained block size (see `draft`)."""
+        extra = self.block_size - block_ids.shape[1]
+        return torch.cat([block_ids, block_ids.new_full((block_ids.shape[0], extra), self.mask_token_id)], 1)
+
+    def drafts_of(self, target: Any, hidden: torch.Tensor) -> Drafts:
+        """The drafts of block hidden states ([b, n, hidden], final norm applied) through the
+        target's head, over the draft vocabulary if there is one."""
         vocab_size = target.info.vocab_size
         if self.draft_vocab is None:
             return Drafts(target.lm_head(hidden), None, vocab_size)

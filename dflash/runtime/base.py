@@ -79,6 +79,10 @@ class TargetRuntime(Protocol):
     def lm_head(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
         """Logits of every token, or of the token ids in `vocab` only (in that order)."""
 
+    def draft_rows(self, drafter: Any) -> Any | None:
+        """A faster draft pass beside this runtime for `drafter` (the draft caches of the rows
+        being decoded, dflash/decode/drafting.py's interface), or None: the drafter's own pass."""
+
     def head_weight(self) -> torch.Tensor:
         """Training: the LM head as one float32 matrix [vocab, hidden] (the drafter's loss is
         differentiated through it)."""

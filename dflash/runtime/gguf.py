@@ -89,6 +89,7 @@ def library() -> Any:
     lib.dfl_linear_new.argtypes = [i, p, i, i]
     lib.dfl_linear_free.argtypes = [p]
     lib.dfl_linear.argtypes = [p, p, i, p]
+    lib.dfl_draft.argtypes = [p, i, ctypes.POINTER(p), ctypes.POINTER(i), p, i, p, p]
     _LIBRARY["lib"] = lib
     select_isa()  # the best kernels from the start (or $DFLASH_ISA), not only once a runtime is made
     return lib
@@ -172,6 +173,24 @@ def _main_type(gguf: GGUFFile) -> str:
     return max(set(kinds), key=kinds.count) if kinds else "?"
 
 
+def set_linear(lib: Any, handle: int, layer: int, which: int, kinds: list[str], blocks: list[np.ndarray],
+               k: int) -> bool:
+    """Load a native model's linear layer (`which`, see dfl_set_linear) from matrices of GGUF
+    blocks ([rows, k / 32 blocks] each) placed side by side in its output."""
+    arrays = [np.ascontiguousarray(b) for b in blocks]  # kept alive until repacked
+    n = len(arrays)
+    types = (ctypes.c_int * n)(*[SUPPORTED_TYPES[kind] for kind in kinds])
+    data = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays])
+    rows = (ctypes.c_int * n)(*[int(a.shape[0]) for a in arrays])
+    return lib.dfl_set_linear(handle, layer, which, n, types, data, rows, k) == 0
+
+
+def set_vector(lib: Any, handle: int, layer: int, which: int, values: Any) -> None:
+    """Load a native model's vector (`which`, see dfl_set_vector: norms, biases)."""
+    values = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
+    lib.dfl_set_vector(handle, layer, which, values.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), values.size)
+
+
 class NativeLinear:
     """Some rows of a GGUF matrix as a linear layer run by the native kernels (no gradient)."""
 
@@ -211,8 +230,8 @@ class QuantizedLinear(torch.nn.Module):
         super().__init__()
         weight = weight_of(linear).numpy()
         self.out_features, self.in_features = weight.shape
-        blocks = quants.quantize(weight, GGMLQuantizationType.Q8_0)
-        self.native = NativeLinear(library(), "Q8_0", blocks, self.in_features)
+        self.blocks = quants.quantize(weight, GGMLQuantizationType.Q8_0)  # (kept: a native drafter reads them)
+        self.native = NativeLinear(library(), "Q8_0", self.blocks, self.in_features)
         self.bias = None if linear.bias is None else linear.bias.detach().float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -350,9 +369,7 @@ class GGUFRuntime:
         self._set_vector(layer, which, self._floats(name))
 
     def _set_vector(self, layer: int, which: int, values: np.ndarray) -> None:
-        values = np.ascontiguousarray(values, dtype=np.float32)
-        self.lib.dfl_set_vector(self.handle, layer, which,
-                                values.ctypes.data_as(ctypes.POINTER(ctypes.c_float)), values.size)
+        set_vector(self.lib, self.handle, layer, which, values)
 
     def _linear(self, layer: int, which: int, names: list[str]) -> None:
         tensors = [self.file.tensor(name) for name in names]
@@ -361,13 +378,8 @@ class GGUFRuntime:
                 raise UnsupportedTargetError(
                     f"{self.file.path.name}: {name} is {_type_name(tensor)}; the native GGUF runtime runs "
                     f"{', '.join(SUPPORTED_TYPES)} weights (use --cpu-weights float32)")
-        arrays = [np.ascontiguousarray(t.data) for t in tensors]  # kept alive until repacked
-        k = int(tensors[0].shape[0])
-        n = len(tensors)
-        types = (ctypes.c_int * n)(*[SUPPORTED_TYPES[_type_name(t)] for t in tensors])
-        data = (ctypes.c_void_p * n)(*[a.ctypes.data for a in arrays])
-        rows = (ctypes.c_int * n)(*[int(t.shape[1]) for t in tensors])
-        if self.lib.dfl_set_linear(self.handle, layer, which, n, types, data, rows, k) != 0:
+        if not set_linear(self.lib, self.handle, layer, which, [_type_name(t) for t in tensors],
+                          [t.data for t in tensors], int(tensors[0].shape[0])):
             raise UnsupportedTargetError(f"{self.file.path.name}: could not load {names}")
 
     # --- the runtime interface -------------------------------------------------------------------
@@ -456,6 +468,12 @@ class GGUFRuntime:
         if self._vocab_head is None or self._vocab_head[0] is not vocab:  # gathered once, not per draft
             self._vocab_head = (vocab, NativeLinear.rows_of(self.file.tensor(self._head_name), vocab))
         return self._vocab_head[1](hidden)
+
+    def draft_rows(self, drafter: Any) -> Any | None:
+        """The native draft pass (dflash/runtime/gguf_drafter.py) for a drafter it supports."""
+        from dflash.runtime import gguf_drafter
+
+        return gguf_drafter.NativeDraftRows(drafter, self) if gguf_drafter.supported(drafter) else None
 
     def head_weight(self) -> torch.Tensor:
         """The LM head dequantised to float32, [vocab, hidden]: training's differentiable head

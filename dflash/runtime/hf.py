@@ -74,6 +74,10 @@ class ModelRuntime:
             self._vocab_head = (vocab, rows_of(self.head, vocab))
         return self._vocab_head[1](hidden)
 
+    def draft_rows(self, drafter: Any) -> None:
+        """(The drafter's own pass runs beside torch targets.)"""
+        return None
+
     def head_weight(self) -> torch.Tensor:
         """The weight the head computes with, as float32 (packed fp16: its fp16 values)."""
         return weight_of(self.head)

@@ -560,13 +560,16 @@ struct Model {
     std::vector<Layer> layers;
     std::vector<float> out_norm;
     Linear head;
+    Linear fc;                       // a drafter's: target features -> its width (dfl_draft)
+    std::vector<float> fc_norm;      // and the norm after it
     int embed_type = -1;
     std::vector<uint8_t> embedding;  // the GGUF's token_embd rows as stored
     std::vector<float> cos_table, sin_table;  // [positions][head_dim / 2]
     int table_positions = 0;
     // scratch, reused between calls
-    std::vector<float> x, xn, qkv, att, gu, act, logits_all;
+    std::vector<float> x, xn, qkv, att, gu, act, logits_all, ctx;
     Quantized quant_h, quant_att, quant_ffn, quant_head;  // activations entering the products
+    Quantized quant_fc, quant_kv;  // a drafter's: features into fc, [context ; block] into q|k|v
     std::vector<int> row_seq, row_pos;
 };
 
@@ -746,6 +749,39 @@ void attend_portable(const float* q, const float* keys, const float* values, int
     }
 }
 
+// One row's q|k|v after its product: bias, q/k norms and rotary at `pos`; its key and value go into
+// `s` at `pos` (layer li).
+void place_qkv(const Model& m, const Layer& l, int li, float* v, Sequence* s, int pos) {
+    const Config& c = m.c;
+    const int hd = c.head_dim, q_dim = c.heads * hd, kv_dim = c.kv_heads * hd;
+    if (!l.qkv_bias.empty())
+        for (int i = 0; i < q_dim + 2 * kv_dim; ++i) v[i] += l.qkv_bias[i];
+    for (int h = 0; h < c.heads + c.kv_heads; ++h) {
+        float* one = v + h * hd;
+        const std::vector<float>& norm = h < c.heads ? l.q_norm : l.k_norm;
+        if (!norm.empty()) rms_norm(one, norm.data(), one, hd, c.eps);
+        rope(m, one, pos);
+    }
+    for (int h = 0; h < c.kv_heads; ++h) {
+        const size_t base = size_t(li * c.kv_heads + h);
+        for (int i = 0; i < hd; ++i) s->k[(base * hd + i) * s->capacity + pos] = v[q_dim + h * hd + i];
+        std::memcpy(&s->v[(base * s->capacity + pos) * hd], v + q_dim + kv_dim + h * hd, hd * sizeof(float));
+    }
+}
+
+// Query head h of layer li over keys 0..n-1 of `s`, through the kernel path in force.
+void attend(const Model& m, int li, int h, const float* q, const Sequence& s, int n, float* scores, float* out) {
+    const Config& c = m.c;
+    const int hd = c.head_dim;
+    const float scale = 1.0f / std::sqrt(float(hd));
+    const size_t base = size_t(li * c.kv_heads + h / (c.heads / c.kv_heads));
+    const float* keys = &s.k[base * hd * s.capacity];
+    const float* values = &s.v[base * s.capacity * hd];
+    if (g_isa == AVX512 && hd % 16 == 0) attend_avx512(q, keys, values, n, s.capacity, hd, scale, scores, out);
+    else if (g_isa >= AVX2 && hd % 8 == 0) attend_avx2(q, keys, values, n, s.capacity, hd, scale, scores, out);
+    else attend_portable(q, keys, values, n, s.capacity, hd, scale, scores, out);
+}
+
 void dequantize_row(int type, const uint8_t* row, int k, float* out) {
     const int bb = block_bytes(type);
     for (int b = 0; b < k / QK; ++b) {
@@ -786,6 +822,7 @@ void embed_rows(const Model& m, int n, const int64_t* tokens, float* out) {
 
 Linear* linear_of(Model& m, int layer, int which) {
     if (which == 4) return &m.head;
+    if (which == 5) return &m.fc;
     if (layer < 0 || layer >= m.c.layers) return nullptr;
     Layer& l = m.layers[layer];
     switch (which) {
@@ -819,8 +856,6 @@ struct Forward : Job {
         const Config& c = m.c;
         const int hd = c.head_dim, q_dim = c.heads * hd, kv_dim = c.kv_heads * hd;
         const int qkv_dim = q_dim + 2 * kv_dim, H = c.hidden, F = c.ffn;
-        const float scale = 1.0f / std::sqrt(float(hd));
-        const int group = c.heads / c.kv_heads;
         Walker walk{phases, rank};
         std::vector<float> scores(max_len + 16);
         walk.run(rows, [&](int r) { embed_rows(m, 1, tokens + r, &m.x[size_t(r) * H]); });
@@ -836,35 +871,13 @@ struct Forward : Job {
                 m.quant_h.quantize_row(&m.xn[size_t(r) * H], r);
             });
             l.qkv.forward(walk, m.quant_h, m.qkv.data());
-            walk.run(rows, [&](int r) {  // biases, q/k norms, rotary; the new key and value into the row's cache
-                float* v = &m.qkv[size_t(r) * qkv_dim];
-                if (!l.qkv_bias.empty())
-                    for (int i = 0; i < qkv_dim; ++i) v[i] += l.qkv_bias[i];
-                for (int h = 0; h < c.heads + c.kv_heads; ++h) {
-                    float* one = v + h * hd;
-                    const std::vector<float>& norm = h < c.heads ? l.q_norm : l.k_norm;
-                    if (!norm.empty()) rms_norm(one, norm.data(), one, hd, c.eps);
-                    rope(m, one, m.row_pos[r]);
-                }
-                auto* s = static_cast<Sequence*>(seqs[m.row_seq[r]]);
-                for (int h = 0; h < c.kv_heads; ++h) {
-                    const size_t base = size_t(li * c.kv_heads + h);
-                    for (int i = 0; i < hd; ++i) s->k[(base * hd + i) * s->capacity + m.row_pos[r]] = v[q_dim + h * hd + i];
-                    std::memcpy(&s->v[(base * s->capacity + m.row_pos[r]) * hd], v + q_dim + kv_dim + h * hd, hd * sizeof(float));
-                }
+            walk.run(rows, [&](int r) {
+                place_qkv(m, l, li, &m.qkv[size_t(r) * qkv_dim], static_cast<Sequence*>(seqs[m.row_seq[r]]), m.row_pos[r]);
             });
             walk.run(rows * c.heads, [&](int i) {  // each row attends over its sequence up to itself
                 const int r = i / c.heads, h = i % c.heads;
-                auto* s = static_cast<Sequence*>(seqs[m.row_seq[r]]);
-                const size_t base = size_t(li * c.kv_heads + h / group);
-                const float* q = &m.qkv[size_t(r) * qkv_dim + h * hd];
-                const float* keys = &s->k[base * hd * s->capacity];
-                const float* values = &s->v[base * s->capacity * hd];
-                float* out = &m.att[size_t(r) * q_dim + h * hd];
-                const int n = m.row_pos[r] + 1;
-                if (g_isa == AVX512 && hd % 16 == 0) attend_avx512(q, keys, values, n, s->capacity, hd, scale, scores.data(), out);
-                else if (g_isa >= AVX2 && hd % 8 == 0) attend_avx2(q, keys, values, n, s->capacity, hd, scale, scores.data(), out);
-                else attend_portable(q, keys, values, n, s->capacity, hd, scale, scores.data(), out);
+                attend(m, li, h, &m.qkv[size_t(r) * qkv_dim + h * hd], *static_cast<Sequence*>(seqs[m.row_seq[r]]),
+                       m.row_pos[r] + 1, scores.data(), &m.att[size_t(r) * q_dim + h * hd]);
             });
             walk.run(rows, [&](int r) { m.quant_att.quantize_row(&m.att[size_t(r) * q_dim], r); });
             l.o.forward(walk, m.quant_att, m.xn.data());
@@ -897,6 +910,94 @@ struct Forward : Job {
                 argmax[r] = std::max_element(row, row + c.vocab) - row;  // the first of equal maxima, as torch
             });
         }
+    }
+};
+
+
+// One draft pass of a DFlash drafter (a Model holding the drafter's layers, `fc` and `fc_norm`)
+// for several sequences, each with its own draft cache. Per sequence: its new context rows
+// (target features, fused by fc + fc_norm) and a block of `block` embedded tokens. In every layer
+// the keys and values are [cached context ; new context ; block]: the context rows enter the
+// key/value products as they are (no layer norm), the block rows after the layer's input norm,
+// and the block's queries see every one of them (no causal mask). The new context's keys and
+// values stay in the cache (its length grows by them); the block's are written after them and
+// overwritten by the next pass. `out`: the block rows after the final norm.
+struct DraftForward : Job {
+    Model* model;
+    std::vector<Sequence*> seqs;
+    std::vector<int> ctx_first, ctx_count;  // per sequence: its first row of `features`, how many
+    const float *features, *embeds;
+    float* out;
+    int n_seqs, block, ctx_rows, max_len;
+
+    void walk(int rank) override {
+        Model& m = *model;
+        const Config& c = m.c;
+        const int hd = c.head_dim, q_dim = c.heads * hd, qkv_dim = q_dim + 2 * c.kv_heads * hd;
+        const int H = c.hidden, F = c.ffn, block_rows = n_seqs * block, rows = ctx_rows + block_rows;
+        Walker walk{phases, rank};
+        std::vector<float> scores(max_len + 16);
+        // rows 0 .. ctx_rows-1: new context, then the block rows; where each sits in its sequence
+        auto seq_of = [&](int r) {
+            if (r >= ctx_rows) return (r - ctx_rows) / block;
+            int i = 0;
+            while (ctx_first[i] + ctx_count[i] <= r) ++i;
+            return i;
+        };
+        auto pos_of = [&](int r) {
+            const int i = seq_of(r), base = seqs[i]->length;
+            return r < ctx_rows ? base + r - ctx_first[i] : base + ctx_count[i] + (r - ctx_rows) % block;
+        };
+        if (ctx_rows > 0) {
+            walk.run(ctx_rows, [&](int r) { m.quant_fc.quantize_row(features + size_t(r) * m.fc.k, r); });
+            m.fc.forward(walk, m.quant_fc, m.ctx.data());
+            walk.run(ctx_rows, [&](int r) {
+                float* v = &m.ctx[size_t(r) * H];
+                rms_norm(v, m.fc_norm.data(), v, H, c.eps);
+            });
+        }
+        walk.run(block_rows, [&](int b) { std::memcpy(&m.x[size_t(b) * H], embeds + size_t(b) * H, H * sizeof(float)); });
+        for (int li = 0; li < c.layers; ++li) {
+            const Layer& l = m.layers[li];
+            walk.run(rows, [&](int r) {  // the key/value inputs: context as it is, block rows normed
+                if (r < ctx_rows) {
+                    m.quant_kv.quantize_row(&m.ctx[size_t(r) * H], r);
+                } else {
+                    const size_t b = size_t(r - ctx_rows) * H;
+                    if (li > 0)
+                        for (int i = 0; i < H; ++i) m.x[b + i] += m.xn[b + i];
+                    rms_norm(&m.x[b], l.attn_norm.data(), &m.xn[b], H, c.eps);
+                    m.quant_kv.quantize_row(&m.xn[b], r);
+                }
+            });
+            l.qkv.forward(walk, m.quant_kv, m.qkv.data());
+            walk.run(rows, [&](int r) { place_qkv(m, l, li, &m.qkv[size_t(r) * qkv_dim], seqs[seq_of(r)], pos_of(r)); });
+            walk.run(block_rows * c.heads, [&](int i) {  // every block row sees the whole context and block
+                const int b = i / c.heads, h = i % c.heads, seq = b / block;
+                attend(m, li, h, &m.qkv[size_t(ctx_rows + b) * qkv_dim + h * hd], *seqs[seq],
+                       seqs[seq]->length + ctx_count[seq] + block, scores.data(), &m.att[size_t(b) * q_dim + h * hd]);
+            });
+            walk.run(block_rows, [&](int b) { m.quant_att.quantize_row(&m.att[size_t(b) * q_dim], b); });
+            l.o.forward(walk, m.quant_att, m.xn.data());
+            walk.run(block_rows, [&](int b) {
+                float* x = &m.x[size_t(b) * H];
+                for (int i = 0; i < H; ++i) x[i] += m.xn[size_t(b) * H + i];
+                rms_norm(x, l.ffn_norm.data(), &m.xn[size_t(b) * H], H, c.eps);
+                m.quant_h.quantize_row(&m.xn[size_t(b) * H], b);
+            });
+            l.gate_up.forward(walk, m.quant_h, m.gu.data());
+            walk.run(block_rows, [&](int b) {
+                float* gate = &m.gu[size_t(b) * 2 * F];
+                silu_mul(gate, gate + F, &m.act[size_t(b) * F], F);
+                m.quant_ffn.quantize_row(&m.act[size_t(b) * F], b);
+            });
+            l.down.forward(walk, m.quant_ffn, m.xn.data());
+        }
+        walk.run(block_rows, [&](int b) {
+            float* x = &m.x[size_t(b) * H];
+            for (int i = 0; i < H; ++i) x[i] += m.xn[size_t(b) * H + i];
+            rms_norm(x, m.out_norm.data(), out + size_t(b) * H, H, c.eps);
+        });
     }
 };
 
@@ -972,7 +1073,7 @@ void dfl_linear_free(void* linear) {
 void dfl_set_threads(int n) { Pool::get().set_threads(std::max(1, n)); }
 
 // A linear layer from `parts` GGUF matrices placed side by side in its output (q|k|v).
-// which: 0 qkv, 1 attention output, 2 gate|up, 3 down, 4 LM head (layer ignored).
+// which: 0 qkv, 1 attention output, 2 gate|up, 3 down, 4 LM head, 5 a drafter's fc (layer ignored).
 int dfl_set_linear(void* model, int layer, int which, int parts, const int* types, const void* const* data,
                    const int* rows, int k) {
     Linear* lin = linear_of(*static_cast<Model*>(model), layer, which);
@@ -987,11 +1088,13 @@ int dfl_set_linear(void* model, int layer, int which, int parts, const int* type
     return 0;
 }
 
-// which: 0 attention norm, 1 ffn norm, 2 q norm, 3 k norm, 4 q|k|v bias, 5 output norm (layer ignored)
+// which: 0 attention norm, 1 ffn norm, 2 q norm, 3 k norm, 4 q|k|v bias, 5 output norm, 6 a drafter's
+// norm after fc (5 and 6: layer ignored)
 int dfl_set_vector(void* model, int layer, int which, const float* data, int n) {
     Model& m = *static_cast<Model*>(model);
     std::vector<float> v(data, data + n);
     if (which == 5) { m.out_norm.swap(v); return 0; }
+    if (which == 6) { m.fc_norm.swap(v); return 0; }
     if (layer < 0 || layer >= m.c.layers) return -1;
     Layer& l = m.layers[layer];
     switch (which) {
@@ -1069,6 +1172,49 @@ int dfl_forward(void* model, int n_seqs, void* const* seqs, int per_seq, const i
     job->rows = rows; job->head_rows = head_rows;
     Pool::get().run(job);
     for (int i = 0; i < n_seqs; ++i) static_cast<Sequence*>(seqs[i])->length += per_seq;
+    return 0;
+}
+
+
+// A drafter's pass (DraftForward): `n_seqs` sequences (draft caches), sequence i with ctx[i] new
+// context rows (features: all sequences' rows in order, [sum ctx][fc width]) and `block`
+// embedded tokens (embeds: [n_seqs * block][hidden]); out: [n_seqs * block][hidden].
+int dfl_draft(void* model, int n_seqs, void* const* seqs, const int* ctx, const float* features, int block,
+              const float* embeds, float* out) {
+    Model& m = *static_cast<Model*>(model);
+    const Config& c = m.c;
+    if (n_seqs <= 0 || block <= 0 || m.fc.parts.empty() || m.fc_norm.empty()) return -1;
+    const int hd = c.head_dim, q_dim = c.heads * hd, qkv_dim = q_dim + 2 * c.kv_heads * hd, H = c.hidden;
+    auto job = std::make_shared<DraftForward>();
+    job->ctx_rows = 0;
+    job->max_len = 0;
+    for (int i = 0; i < n_seqs; ++i) {
+        auto* s = static_cast<Sequence*>(seqs[i]);
+        if (ctx[i] < 0) return -1;
+        job->seqs.push_back(s);
+        job->ctx_first.push_back(job->ctx_rows);
+        job->ctx_count.push_back(ctx[i]);
+        job->ctx_rows += ctx[i];
+        reserve(m, *s, s->length + ctx[i] + block);
+        job->max_len = std::max(job->max_len, s->length + ctx[i] + block);
+    }
+    const int block_rows = n_seqs * block, rows = job->ctx_rows + block_rows;
+    ensure_rope(m, job->max_len);
+    m.ctx.resize(size_t(std::max(job->ctx_rows, 1)) * H);
+    m.x.resize(size_t(block_rows) * H); m.xn.resize(size_t(block_rows) * H);
+    m.qkv.resize(size_t(rows) * qkv_dim); m.att.resize(size_t(block_rows) * q_dim);
+    m.gu.resize(size_t(block_rows) * 2 * c.ffn); m.act.resize(size_t(block_rows) * c.ffn);
+    m.quant_fc.resize(job->ctx_rows, m.fc.k); m.quant_kv.resize(rows, H); m.quant_h.resize(block_rows, H);
+    m.quant_att.resize(block_rows, q_dim); m.quant_ffn.resize(block_rows, c.ffn);
+    int phases = 3 + int(m.fc.parts.size()) + 1;
+    for (const Layer& l : m.layers)
+        phases += 6 + int(l.qkv.parts.size() + l.o.parts.size() + l.gate_up.parts.size() + l.down.parts.size());
+    job->phases.reset(phases, Pool::get().threads());
+    job->model = &m;
+    job->features = features; job->embeds = embeds; job->out = out;
+    job->n_seqs = n_seqs; job->block = block;
+    Pool::get().run(job);
+    for (int i = 0; i < n_seqs; ++i) static_cast<Sequence*>(seqs[i])->length += ctx[i];
     return 0;
 }
 
