@@ -47,22 +47,28 @@ def add_model_arguments(parser: argparse.ArgumentParser, draft: bool = True, com
         group.add_argument("--compile", action="store_true", help=COMPILE_HELP)
 
 
-CPU_DRAFT_THRESHOLD = 0.1  # on a CPU a verified token costs a share of a step: skip unlikely drafts
+# On a CPU every verified token costs a share of a step: verify only drafts likely enough to pay
+# for theirs. Measured best (docs/benchmarks.md): 0.2 where 8-bit products have VNNI (an extra
+# token ~0.15 of a step), 0.3 on the AVX2 and portable kernels (~0.3 of a step), 0.1 on torch's.
+CPU_DRAFT_THRESHOLDS = {"avx512": 0.2, "avx2": 0.3, "portable": 0.3}
+CPU_DRAFT_THRESHOLD = 0.1
 
 
 def add_draft_threshold_argument(group: Any) -> None:
     group.add_argument("--draft-threshold", type=float, default=None, metavar="P",
                        help="verify only the leading drafts whose top probabilities, multiplied up, stay >= P "
                             "(for a batch: the longest such prefix among its rows): shorter blocks where the "
-                            f"drafter guesses, the same output (default: {CPU_DRAFT_THRESHOLD} on a CPU, where "
-                            "each verified token costs, 0 = the whole block on a GPU)")
+                            "drafter guesses, the same output (default on a CPU: 0.2 on the native AVX-512 "
+                            "kernels, 0.3 on AVX2, 0.1 with torch's; 0 = the whole block, the GPU's default)")
 
 
 def draft_threshold(args: argparse.Namespace, runtime: Any) -> float:
-    """--draft-threshold, or its default for the device the target runs on; refuses one outside [0, 1)."""
+    """--draft-threshold, or its default for what runs the target; refuses one outside [0, 1)."""
     value = getattr(args, "draft_threshold", None)
     if value is None:
-        return CPU_DRAFT_THRESHOLD if runtime.info.device.type == "cpu" else 0.0
+        if runtime.info.device.type != "cpu":
+            return 0.0
+        return CPU_DRAFT_THRESHOLDS.get(getattr(runtime, "isa", None), CPU_DRAFT_THRESHOLD)
     if not 0 <= value < 1:
         raise DFlashError(f"--draft-threshold must be in [0, 1), got {value}")
     return value

@@ -48,3 +48,29 @@ def test_generate_compiles_before_it_streams(tiny_target_dir, monkeypatch):
     compiled = first("err", "dflash: compiled in")
     reply = next(i for i, (name, written) in enumerate(writes) if name == "out" and written)
     assert compiling < compiled < reply
+
+
+def test_default_draft_threshold_follows_what_runs_the_target():
+    """No --draft-threshold: the measured best for the target's kernels (native AVX-512 0.2,
+    AVX2 and portable 0.3, torch on a CPU 0.1), none on a GPU; a given one is kept or refused."""
+    import argparse
+    from types import SimpleNamespace
+
+    import pytest
+    import torch
+
+    from dflash.cli.common import draft_threshold
+    from dflash.errors import DFlashError
+
+    def runtime(device, isa=None):
+        return SimpleNamespace(info=SimpleNamespace(device=torch.device(device)), isa=isa)
+
+    unset = argparse.Namespace(draft_threshold=None)
+    assert draft_threshold(unset, runtime("cpu", "avx512")) == 0.2
+    assert draft_threshold(unset, runtime("cpu", "avx2")) == 0.3
+    assert draft_threshold(unset, runtime("cpu", "portable")) == 0.3
+    assert draft_threshold(unset, runtime("cpu")) == 0.1
+    assert draft_threshold(unset, runtime("cuda")) == 0.0
+    assert draft_threshold(argparse.Namespace(draft_threshold=0.05), runtime("cpu", "avx2")) == 0.05
+    with pytest.raises(DFlashError, match="must be in"):
+        draft_threshold(argparse.Namespace(draft_threshold=1.5), runtime("cpu"))
