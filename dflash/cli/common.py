@@ -48,9 +48,9 @@ def add_model_arguments(parser: argparse.ArgumentParser, draft: bool = True, com
 
 
 # On a CPU every verified token costs a share of a step: verify only drafts likely enough to pay
-# for theirs. Measured best (docs/benchmarks.md): 0.2 where 8-bit products have VNNI (an extra
+# for theirs. Measured best (docs/benchmarks.md): 0.1 where 8-bit products have VNNI (an extra
 # token ~0.15 of a step), 0.3 on the AVX2 and portable kernels (~0.3 of a step), 0.1 on torch's.
-CPU_DRAFT_THRESHOLDS = {"avx512": 0.2, "avx2": 0.3, "portable": 0.3}
+CPU_DRAFT_THRESHOLDS = {"avx512": 0.1, "avx2": 0.3, "portable": 0.3}
 CPU_DRAFT_THRESHOLD = 0.1
 
 
@@ -58,7 +58,7 @@ def add_draft_threshold_argument(group: Any) -> None:
     group.add_argument("--draft-threshold", type=float, default=None, metavar="P",
                        help="verify only the leading drafts whose top probabilities, multiplied up, stay >= P "
                             "(for a batch: the longest such prefix among its rows): shorter blocks where the "
-                            "drafter guesses, the same output (default on a CPU: 0.2 on the native AVX-512 "
+                            "drafter guesses, the same output (default on a CPU: 0.1 on the native AVX-512 "
                             "kernels, 0.3 on AVX2, 0.1 with torch's; 0 = the whole block, the GPU's default)")
 
 

@@ -218,15 +218,17 @@ class Drafts:
     logits: torch.Tensor
     vocab: torch.Tensor | None
     vocab_size: int
+    best: torch.Tensor | None = None  # [b, n] column of the largest logit, where the pass found it
+    top: torch.Tensor | None = None   # [b, n] its probability, likewise
 
     def tokens(self) -> torch.Tensor:
         """The most likely token id at each position ([b, n])."""
-        best = self.logits.argmax(-1)
+        best = self.logits.argmax(-1) if self.best is None else self.best
         return best if self.vocab is None else self.vocab[best]
 
     def top_probs(self) -> torch.Tensor:
         """The probability of that token ([b, n]): a drafter's confidence, without a full softmax."""
-        return (self.logits.amax(-1) - self.logits.logsumexp(-1)).exp()
+        return (self.logits.amax(-1) - self.logits.logsumexp(-1)).exp() if self.top is None else self.top
 
     def full_logits(self) -> torch.Tensor:
         """Logits over the whole vocabulary ([b, n, V]): tokens outside the draft vocabulary get

@@ -89,7 +89,7 @@ def library() -> Any:
     lib.dfl_linear_new.argtypes = [i, p, i, i]
     lib.dfl_linear_free.argtypes = [p]
     lib.dfl_linear.argtypes = [p, p, i, p]
-    lib.dfl_draft.argtypes = [p, i, ctypes.POINTER(p), ctypes.POINTER(i), p, i, p, p]
+    lib.dfl_draft.argtypes = [p, i, ctypes.POINTER(p), ctypes.POINTER(i), p, i, p, p, p, i, i, p, p, p]
     _LIBRARY["lib"] = lib
     select_isa()  # the best kernels from the start (or $DFLASH_ISA), not only once a runtime is made
     return lib
@@ -465,9 +465,14 @@ class GGUFRuntime:
     def lm_head(self, hidden: torch.Tensor, vocab: torch.Tensor | None = None) -> torch.Tensor:
         """The head's rows for `vocab` (all without one) as quantised in the file, through the
         native kernels: a drafter's draft-vocabulary logits with the target's own numbers."""
-        if self._vocab_head is None or self._vocab_head[0] is not vocab:  # gathered once, not per draft
+        return self.head_rows(vocab)(hidden)
+
+    def head_rows(self, vocab: torch.Tensor | None) -> NativeLinear:
+        """The head's rows for `vocab` (all without one) as a native linear layer, gathered once
+        for the drafter's vocabulary, not per draft."""
+        if self._vocab_head is None or self._vocab_head[0] is not vocab:
             self._vocab_head = (vocab, NativeLinear.rows_of(self.file.tensor(self._head_name), vocab))
-        return self._vocab_head[1](hidden)
+        return self._vocab_head[1]
 
     def draft_rows(self, drafter: Any) -> Any | None:
         """The native draft pass (dflash/runtime/gguf_drafter.py) for a drafter it supports."""

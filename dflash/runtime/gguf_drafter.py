@@ -22,9 +22,11 @@ import torch
 
 from dflash.runtime.gguf import _Config, library, set_linear, set_vector
 
+from dflash.model.drafter import Drafts
+
 if TYPE_CHECKING:
     from dflash.decode.step import Row
-    from dflash.model.drafter import DFlashDraftModel, Drafts
+    from dflash.model.drafter import DFlashDraftModel
 
 _BUILT: "weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], NativeDrafter]]" = weakref.WeakKeyDictionary()
 
@@ -144,9 +146,15 @@ class NativeDraftRows:
             row.context = None
         embeds = self.runtime.embed(full).float().contiguous()
         out = torch.empty(b, full.shape[1], self.hidden)
+        vocab = self.drafter.draft_vocab
+        head = self.runtime.head_rows(vocab)
+        logits = torch.empty(b, n - 1, head.n)
+        best = torch.empty(b, n - 1, dtype=torch.long)
+        top = torch.empty(b, n - 1)
         code = self.lib.dfl_draft(self.native.handle, b, (ctypes.c_void_p * b)(*self.seqs),
                                   (ctypes.c_int * b)(*counts), features.data_ptr(), full.shape[1],
-                                  embeds.data_ptr(), out.data_ptr())
+                                  embeds.data_ptr(), out.data_ptr(), head.handle, 1, n - 1,
+                                  logits.data_ptr(), best.data_ptr(), top.data_ptr())
         if code != 0:
             raise RuntimeError(f"the native draft pass refused its arguments (code {code})")
-        return self.drafter.drafts_of(self.runtime, out[:, 1:n])
+        return Drafts(logits, vocab, self.runtime.info.vocab_size, best, top)

@@ -51,7 +51,7 @@ def test_generate_compiles_before_it_streams(tiny_target_dir, monkeypatch):
 
 
 def test_default_draft_threshold_follows_what_runs_the_target():
-    """No --draft-threshold: the measured best for the target's kernels (native AVX-512 0.2,
+    """No --draft-threshold: the measured best for the target's kernels (native AVX-512 0.1,
     AVX2 and portable 0.3, torch on a CPU 0.1), none on a GPU; a given one is kept or refused."""
     import argparse
     from types import SimpleNamespace
@@ -66,7 +66,7 @@ def test_default_draft_threshold_follows_what_runs_the_target():
         return SimpleNamespace(info=SimpleNamespace(device=torch.device(device)), isa=isa)
 
     unset = argparse.Namespace(draft_threshold=None)
-    assert draft_threshold(unset, runtime("cpu", "avx512")) == 0.2
+    assert draft_threshold(unset, runtime("cpu", "avx512")) == 0.1
     assert draft_threshold(unset, runtime("cpu", "avx2")) == 0.3
     assert draft_threshold(unset, runtime("cpu", "portable")) == 0.3
     assert draft_threshold(unset, runtime("cpu")) == 0.1

@@ -63,7 +63,12 @@ def _passes(draft_rows, runtime, rows, steps=3, mask=16):
     for s in range(steps):
         block = torch.full((len(rows), 4), mask, dtype=torch.long)
         block[:, 0] = torch.tensor([row.anchor for row in rows])
-        logits.append(draft_rows.draft(rows, block).logits.clone())
+        drafts = draft_rows.draft(rows, block)
+        if drafts.best is not None:  # (the native pass finds each position's best token and its probability)
+            assert torch.equal(drafts.best, drafts.logits.argmax(-1))
+            expected = (drafts.logits.amax(-1) - drafts.logits.logsumexp(-1)).exp()
+            assert torch.allclose(drafts.top, expected, rtol=1e-5, atol=1e-7)
+        logits.append(drafts.logits.clone())
         for i, row in enumerate(rows):
             new = 1 + (s + i) % 3
             row.context = contexts[i][s: s + new]

@@ -600,6 +600,44 @@ inline __m256 exp_avx2(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
 }
 
+// The first largest of n logits and its softmax probability, 1 / sum(exp(l - max)): a drafter's
+// best token and its confidence without a softmax over the row.
+__attribute__((target("avx512f")))
+float exp_sum_avx512(const float* v, int n, float top) {
+    __m512 acc = _mm512_setzero_ps();
+    int i = 0;
+    for (; i + 16 <= n; i += 16) acc = _mm512_add_ps(acc, exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(v + i), _mm512_set1_ps(top))));
+    float total = _mm512_reduce_add_ps(acc);
+    for (; i < n; ++i) total += std::exp(v[i] - top);
+    return total;
+}
+
+__attribute__((target("avx2,fma")))
+float exp_sum_avx2(const float* v, int n, float top) {
+    __m256 acc = _mm256_setzero_ps();
+    int i = 0;
+    for (; i + 8 <= n; i += 8) acc = _mm256_add_ps(acc, exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(v + i), _mm256_set1_ps(top))));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, acc);
+    float total = 0.f;
+    for (float lane : lanes) total += lane;
+    for (; i < n; ++i) total += std::exp(v[i] - top);
+    return total;
+}
+
+void best_and_probability(const float* v, int n, int64_t& best, float& probability) {
+    best = std::max_element(v, v + n) - v;  // the first of equal maxima, as torch
+    const float top = v[best];
+    float total;
+    if (g_isa == AVX512) total = exp_sum_avx512(v, n, top);
+    else if (g_isa >= AVX2) total = exp_sum_avx2(v, n, top);
+    else {
+        total = 0.f;
+        for (int i = 0; i < n; ++i) total += std::exp(v[i] - top);
+    }
+    probability = 1.0f / total;
+}
+
 // SiLU(gate) * up over n values (n a multiple of the vector width; silu_mul checks).
 __attribute__((target("avx512f")))
 void silu_mul_avx512(const float* gate, const float* up, float* out, int n) {
@@ -921,9 +959,15 @@ struct Forward : Job {
 // key/value products as they are (no layer norm), the block rows after the layer's input norm,
 // and the block's queries see every one of them (no causal mask). The new context's keys and
 // values stay in the cache (its length grows by them); the block's are written after them and
-// overwritten by the next pass. `out`: the block rows after the final norm.
+// overwritten by the next pass. `out`: the block rows after the final norm. With a head (the
+// target's rows of the draft vocabulary), rows first .. first + count - 1 of each block go
+// through it: their logits, best column and its probability.
 struct DraftForward : Job {
     Model* model;
+    const Matrix* head;
+    float *logits, *top;
+    int64_t* best;
+    int first, count;
     std::vector<Sequence*> seqs;
     std::vector<int> ctx_first, ctx_count;  // per sequence: its first row of `features`, how many
     const float *features, *embeds;
@@ -997,7 +1041,15 @@ struct DraftForward : Job {
             float* x = &m.x[size_t(b) * H];
             for (int i = 0; i < H; ++i) x[i] += m.xn[size_t(b) * H + i];
             rms_norm(x, m.out_norm.data(), out + size_t(b) * H, H, c.eps);
+            const int j = b % block - first;
+            if (head && j >= 0 && j < count) m.quant_head.quantize_row(out + size_t(b) * H, b / block * count + j);
         });
+        if (head) {
+            matmul(walk, *head, m.quant_head, logits, head->n);
+            walk.run(n_seqs * count, [&](int r) {
+                best_and_probability(logits + size_t(r) * head->n, head->n, best[r], top[r]);
+            });
+        }
     }
 };
 
@@ -1178,12 +1230,16 @@ int dfl_forward(void* model, int n_seqs, void* const* seqs, int per_seq, const i
 
 // A drafter's pass (DraftForward): `n_seqs` sequences (draft caches), sequence i with ctx[i] new
 // context rows (features: all sequences' rows in order, [sum ctx][fc width]) and `block`
-// embedded tokens (embeds: [n_seqs * block][hidden]); out: [n_seqs * block][hidden].
+// embedded tokens (embeds: [n_seqs * block][hidden]); out: [n_seqs * block][hidden]. head (a
+// dfl_linear_new matrix, or null): logits [n_seqs * count][its rows] of block rows first ..
+// first + count - 1, best [n_seqs * count] (a row of the head) and top, its probability.
 int dfl_draft(void* model, int n_seqs, void* const* seqs, const int* ctx, const float* features, int block,
-              const float* embeds, float* out) {
+              const float* embeds, float* out, void* head, int first, int count, float* logits, int64_t* best,
+              float* top) {
     Model& m = *static_cast<Model*>(model);
     const Config& c = m.c;
     if (n_seqs <= 0 || block <= 0 || m.fc.parts.empty() || m.fc_norm.empty()) return -1;
+    if (head && (first < 0 || count < 1 || first + count > block || static_cast<Matrix*>(head)->k != c.hidden)) return -1;
     const int hd = c.head_dim, q_dim = c.heads * hd, qkv_dim = q_dim + 2 * c.kv_heads * hd, H = c.hidden;
     auto job = std::make_shared<DraftForward>();
     job->ctx_rows = 0;
@@ -1206,7 +1262,10 @@ int dfl_draft(void* model, int n_seqs, void* const* seqs, const int* ctx, const 
     m.gu.resize(size_t(block_rows) * 2 * c.ffn); m.act.resize(size_t(block_rows) * c.ffn);
     m.quant_fc.resize(job->ctx_rows, m.fc.k); m.quant_kv.resize(rows, H); m.quant_h.resize(block_rows, H);
     m.quant_att.resize(block_rows, q_dim); m.quant_ffn.resize(block_rows, c.ffn);
-    int phases = 3 + int(m.fc.parts.size()) + 1;
+    job->head = static_cast<const Matrix*>(head);
+    job->first = first; job->count = count; job->logits = logits; job->best = best; job->top = top;
+    if (head) m.quant_head.resize(n_seqs * count, H);
+    int phases = 3 + int(m.fc.parts.size()) + 1 + 2;
     for (const Layer& l : m.layers)
         phases += 6 + int(l.qkv.parts.size() + l.o.parts.size() + l.gate_up.parts.size() + l.down.parts.size());
     job->phases.reset(phases, Pool::get().threads());
