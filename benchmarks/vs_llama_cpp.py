@@ -7,7 +7,7 @@ the machine's drift cancels out:
   - llama.cpp + DFlash: the same server with the shipped drafter, exported by
     `dflash export --for llama.cpp`, `--spec-type draft-dflash --spec-draft-n-max BLOCK-1`;
   - dflash plain and dflash DFlash: the default CPU path for a GGUF target (the native runtime),
-    the shipped drafter, block 4, draft threshold 0.1.
+    the shipped drafter, block 4, the default draft threshold for the kernels in use.
 Decode tokens/s is new tokens over the time after the prompt (llama-server's `predicted_ms`;
 dflash's decode time), prefill tokens/s the prompt's tokens over its time. Then, the same runtime
 alternating block sizes round by round: the cost of verifying B tokens against one, and of a draft
@@ -36,7 +36,8 @@ import torch
 from dflash import DFlashDraftModel, generate, load_target
 from dflash.datasets import eval_prompts
 from dflash.drafters import default_drafter_path
-from dflash.cli.common import prepare_drafter
+from dflash.cli.common import draft_threshold, prepare_drafter
+from dflash.decode.step import Speculator
 from dflash.runtime.loader import chat_input_ids, embedded_gguf_path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -97,15 +98,18 @@ def step_costs(runtime, drafter, prompt: torch.Tensor, blocks: tuple[int, ...], 
                 runtime.step(cache, [row], ids)
                 times[b].append(time.perf_counter() - start)
                 runtime.commit(cache, [row], [0])
-    draft: list[float] = []  # in the steady state: after the prompt, two new positions' features a step
+    draft: list[float] = []  # as decoding drafts (the runtime's own pass where it has one), two new positions a step
+    speculator = Speculator(runtime, drafter, block_size=drafter.config.block_size)
+    rec = speculator.start(prompt, max_new_tokens=runtime.info.max_positions)
     block = torch.full((1, drafter.config.block_size), drafter.config.mask_token_id)
-    draft_cache = drafter.new_cache(capacity=len(prompt) + 64)
-    drafter.draft(runtime, block, out.features[:, :-2], draft_cache)
+    block[0, 0] = rec.anchor
+    two = rec.context[-2:]
+    speculator.drafts.draft([rec], block)  # (the prompt's features)
     for _ in range(rounds * 3):
+        rec.context = two
         start = time.perf_counter()
-        drafter.draft(runtime, block, out.features[:, -2:], draft_cache)
+        speculator.drafts.draft([rec], block)
         draft.append(time.perf_counter() - start)
-        draft_cache.crop(draft_cache.length - 2)
     costs = {f"verify {b}": 1000 * statistics.median(times[b]) for b in blocks}
     costs["draft pass"] = 1000 * statistics.median(draft)
     return costs
@@ -116,7 +120,8 @@ def main() -> None:
     p.add_argument("--prompts", type=int, default=8, help="first N GSM8K test prompts (default 8)")
     p.add_argument("--new-tokens", type=int, default=128, help="new tokens per prompt (default 128)")
     p.add_argument("--block-size", type=int, default=4, help="DFlash block size (default 4)")
-    p.add_argument("--draft-threshold", type=float, default=0.1, help="dflash's draft threshold (default 0.1)")
+    p.add_argument("--draft-threshold", type=float, default=None,
+                   help="dflash's draft threshold (default: the product's for the kernels in use)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="threads for both (default: all cores)")
     p.add_argument("--port", type=int, default=8093, help="first of two local ports for llama-server")
     p.add_argument("--data-dir", default=None, help="datasets folder (default: $DFLASH_DATA_DIR)")
@@ -147,6 +152,7 @@ def main() -> None:
         outputs: dict[str, list[list[int]]] = {m: [] for m in methods}
         taus: dict[str, list[float]] = {"llama.cpp DFlash": [], "dflash DFlash": []}
         questions = [turns[0] for turns in eval_prompts("gsm8k", args.data_dir, limit=args.prompts)]
+        threshold = draft_threshold(args, runtime)
         for i, question in enumerate(questions):
             ids = chat_input_ids(tokenizer, question)
             order = methods[i % 4:] + methods[: i % 4]
@@ -167,7 +173,7 @@ def main() -> None:
                     spec = method.endswith("DFlash")
                     stats = generate(runtime, drafter if spec else None, torch.tensor([ids]), max_new_tokens=n,
                                      block_size=args.block_size if spec else 1,
-                                     draft_threshold=args.draft_threshold if spec else 0.0)
+                                     draft_threshold=threshold if spec else 0.0)
                     decode[method][0] += stats.decode_time
                     decode[method][1] += stats.num_new_tokens
                     prefill[method][0] += stats.prefill_time
@@ -186,7 +192,8 @@ def main() -> None:
     base, base_pre = rate["llama.cpp plain"], pre["llama.cpp plain"]
     same_llama = sum(a == b for a, b in zip(outputs["llama.cpp plain"], outputs["llama.cpp DFlash"]))
     same_ours = sum(a == b for a, b in zip(outputs["dflash plain"], outputs["dflash DFlash"]))
-    print(f"\n{len(questions)} GSM8K prompts x {n} new tokens, greedy, {args.threads} threads, interleaved; "
+    print(f"\n{len(questions)} GSM8K prompts x {n} new tokens, greedy, {args.threads} threads, interleaved, "
+          f"dflash's draft threshold {threshold:g}; "
           f"{cpu_description()}\n")
     print("| method | decode tok/s | vs llama.cpp plain | prefill tok/s | vs llama.cpp | tau |")
     print("|---|---|---|---|---|---|")
