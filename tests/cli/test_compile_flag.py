@@ -1,6 +1,7 @@
 """`--compile` mistakes are named, not tracebacks; `dflash serve` offers it with `--draft-threshold`."""
 
 import io
+import re
 import sys
 
 import pytest
@@ -74,3 +75,29 @@ def test_default_draft_threshold_follows_what_runs_the_target():
     assert draft_threshold(argparse.Namespace(draft_threshold=0.05), runtime("cpu", "avx2")) == 0.05
     with pytest.raises(DFlashError, match="must be in"):
         draft_threshold(argparse.Namespace(draft_threshold=1.5), runtime("cpu"))
+
+
+def test_compare_times_both_methods_apart_from_the_streamed_reply(tiny_target_dir, tiny_drafter_dir, capsys,
+                                                                   monkeypatch):
+    """`--compare` decodes each method twice after the reply (dflash, plain, plain, dflash) and
+    prints the ratio of their tokens/s and whether plain decoding gave the streamed reply."""
+    import dflash.decode.engine as engine
+
+    calls: list[int] = []
+    real = engine.generate
+
+    def recording(*args, **kwargs):
+        calls.append(kwargs.get("block_size", 1))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", recording)
+    assert main(["generate", "--target", str(tiny_target_dir), "--draft", str(tiny_drafter_dir),
+                 "--cpu-weights", "float32", "--max-new-tokens", "12", "--compare", "hi"]) == 0
+    out = capsys.readouterr().out
+    line = next(x for x in out.splitlines() if x.startswith("[compare]"))
+    assert "(two runs each, after the reply)" in line and line.endswith("outputs identical: yes")
+    found = re.search(r"dflash ([\d.]+) tok/s vs plain ([\d.]+) tok/s.*speedup ([\d.]+)x", line)
+    dflash, plain, ratio = (float(x) for x in found.groups())
+    assert ratio == pytest.approx(dflash / plain, abs=0.01)
+    block = calls[-1]
+    assert block > 1 and calls[-4:] == [block, 1, 1, block]  # (after the warm-up call)
