@@ -872,6 +872,28 @@ Linear* linear_of(Model& m, int layer, int which) {
     return nullptr;
 }
 
+// A layer after its attention, for `rows` rows: the output product (m.att -> m.xn), the residual
+// into m.x, the feed-forward norm and SwiGLU; the feed-forward output is left in m.xn for the
+// next layer (or the final norm) to add to the residual.
+void after_attention(Walker& walk, Model& m, const Layer& l, int rows) {
+    const int H = m.c.hidden, F = m.c.ffn, q_dim = m.c.heads * m.c.head_dim;
+    walk.run(rows, [&](int r) { m.quant_att.quantize_row(&m.att[size_t(r) * q_dim], r); });
+    l.o.forward(walk, m.quant_att, m.xn.data());
+    walk.run(rows, [&](int r) {
+        float* x = &m.x[size_t(r) * H];
+        for (int i = 0; i < H; ++i) x[i] += m.xn[size_t(r) * H + i];
+        rms_norm(x, l.ffn_norm.data(), &m.xn[size_t(r) * H], H, m.c.eps);
+        m.quant_h.quantize_row(&m.xn[size_t(r) * H], r);
+    });
+    l.gate_up.forward(walk, m.quant_h, m.gu.data());
+    walk.run(rows, [&](int r) {
+        float* gate = &m.gu[size_t(r) * 2 * F];
+        silu_mul(gate, gate + F, &m.act[size_t(r) * F], F);
+        m.quant_ffn.quantize_row(&m.act[size_t(r) * F], r);
+    });
+    l.down.forward(walk, m.quant_ffn, m.xn.data());
+}
+
 // One forward (dfl_forward's arguments and what follows from them), walked by the caller and
 // the pool's workers.
 struct Forward : Job {
@@ -893,7 +915,7 @@ struct Forward : Job {
         Model& m = *model;
         const Config& c = m.c;
         const int hd = c.head_dim, q_dim = c.heads * hd, kv_dim = c.kv_heads * hd;
-        const int qkv_dim = q_dim + 2 * kv_dim, H = c.hidden, F = c.ffn;
+        const int qkv_dim = q_dim + 2 * kv_dim, H = c.hidden;
         Walker walk{phases, rank};
         std::vector<float> scores(max_len + 16);
         walk.run(rows, [&](int r) { embed_rows(m, 1, tokens + r, &m.x[size_t(r) * H]); });
@@ -917,21 +939,7 @@ struct Forward : Job {
                 attend(m, li, h, &m.qkv[size_t(r) * qkv_dim + h * hd], *static_cast<Sequence*>(seqs[m.row_seq[r]]),
                        m.row_pos[r] + 1, scores.data(), &m.att[size_t(r) * q_dim + h * hd]);
             });
-            walk.run(rows, [&](int r) { m.quant_att.quantize_row(&m.att[size_t(r) * q_dim], r); });
-            l.o.forward(walk, m.quant_att, m.xn.data());
-            walk.run(rows, [&](int r) {
-                float* x = &m.x[size_t(r) * H];
-                for (int i = 0; i < H; ++i) x[i] += m.xn[size_t(r) * H + i];
-                rms_norm(x, l.ffn_norm.data(), &m.xn[size_t(r) * H], H, c.eps);
-                m.quant_h.quantize_row(&m.xn[size_t(r) * H], r);
-            });
-            l.gate_up.forward(walk, m.quant_h, m.gu.data());
-            walk.run(rows, [&](int r) {
-                float* gate = &m.gu[size_t(r) * 2 * F];
-                silu_mul(gate, gate + F, &m.act[size_t(r) * F], F);
-                m.quant_ffn.quantize_row(&m.act[size_t(r) * F], r);
-            });
-            l.down.forward(walk, m.quant_ffn, m.xn.data());
+            after_attention(walk, m, l, rows);
         }
         walk.run(rows, [&](int r) {  // the last residual, the final norm; the rows the head reads
             float* x = &m.x[size_t(r) * H];
@@ -978,7 +986,7 @@ struct DraftForward : Job {
         Model& m = *model;
         const Config& c = m.c;
         const int hd = c.head_dim, q_dim = c.heads * hd, qkv_dim = q_dim + 2 * c.kv_heads * hd;
-        const int H = c.hidden, F = c.ffn, block_rows = n_seqs * block, rows = ctx_rows + block_rows;
+        const int H = c.hidden, block_rows = n_seqs * block, rows = ctx_rows + block_rows;
         Walker walk{phases, rank};
         std::vector<float> scores(max_len + 16);
         // rows 0 .. ctx_rows-1: new context, then the block rows; where each sits in its sequence
@@ -1021,21 +1029,7 @@ struct DraftForward : Job {
                 attend(m, li, h, &m.qkv[size_t(ctx_rows + b) * qkv_dim + h * hd], *seqs[seq],
                        seqs[seq]->length + ctx_count[seq] + block, scores.data(), &m.att[size_t(b) * q_dim + h * hd]);
             });
-            walk.run(block_rows, [&](int b) { m.quant_att.quantize_row(&m.att[size_t(b) * q_dim], b); });
-            l.o.forward(walk, m.quant_att, m.xn.data());
-            walk.run(block_rows, [&](int b) {
-                float* x = &m.x[size_t(b) * H];
-                for (int i = 0; i < H; ++i) x[i] += m.xn[size_t(b) * H + i];
-                rms_norm(x, l.ffn_norm.data(), &m.xn[size_t(b) * H], H, c.eps);
-                m.quant_h.quantize_row(&m.xn[size_t(b) * H], b);
-            });
-            l.gate_up.forward(walk, m.quant_h, m.gu.data());
-            walk.run(block_rows, [&](int b) {
-                float* gate = &m.gu[size_t(b) * 2 * F];
-                silu_mul(gate, gate + F, &m.act[size_t(b) * F], F);
-                m.quant_ffn.quantize_row(&m.act[size_t(b) * F], b);
-            });
-            l.down.forward(walk, m.quant_ffn, m.xn.data());
+            after_attention(walk, m, l, block_rows);
         }
         walk.run(block_rows, [&](int b) {
             float* x = &m.x[size_t(b) * H];
