@@ -10,6 +10,8 @@ drafts equal to the target's argmax; sampled rows use the rejection rule
 threshold verifies only the drafts the drafter is sure of: for several rows, the longest
 confident prefix among them (verifying more never changes an output). Stop tokens and budgets cut
 a row's tokens here and nowhere else. Block size 1 is plain decoding through the same code.
+The drafts come from the runtime's own draft pass where it offers one (the native runtime's),
+else from the drafter's (dflash/decode/drafting.py); both keep one draft cache per row set.
 """
 
 from __future__ import annotations
