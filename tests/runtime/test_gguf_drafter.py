@@ -134,3 +134,16 @@ def test_decoding_picks_the_native_pass_for_a_standard_drafter(runtime):
 
     assert runtime.draft_rows(Own(drafter.config)) is None
     assert runtime.draft_rows(_random_drafter(1, bias=True)) is None  # (o_proj's bias: not in the native pass)
+
+
+def test_native_copy_follows_the_drafters_weights():
+    """The native copy is built once per drafter and built again after its weights change (a
+    training loop that evaluates by decoding must not draft with stale weights)."""
+    from dflash.runtime.gguf_drafter import NativeDrafter
+
+    drafter = _random_drafter(1)
+    first = NativeDrafter.of(drafter)
+    assert NativeDrafter.of(drafter) is first
+    with torch.no_grad():
+        drafter.layers[0].mlp.down_proj.weight.mul_(0.5)
+    assert NativeDrafter.of(drafter) is not first
