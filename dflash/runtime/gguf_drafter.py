@@ -22,11 +22,10 @@ import torch
 
 from dflash.runtime.gguf import _Config, library, set_linear, set_vector
 
-from dflash.model.drafter import Drafts
+from dflash.model.drafter import DFlashDraftModel, Drafts
 
 if TYPE_CHECKING:
     from dflash.decode.step import Row
-    from dflash.model.drafter import DFlashDraftModel
 
 _BUILT: "weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], NativeDrafter]]" = weakref.WeakKeyDictionary()
 
@@ -46,8 +45,6 @@ def supported(drafter: Any) -> bool:
     """Whether the native pass computes this drafter: a CPU drafter with the default rotary, no
     sliding window, no attention biases, widths the 32-value blocks divide, and the standard pass (a subclass that
     overrides `draft`, such as a test's oracle, keeps its own)."""
-    from dflash.model.drafter import DFlashDraftModel
-
     if not isinstance(drafter, DFlashDraftModel) or type(drafter).draft is not DFlashDraftModel.draft:
         return False
     c = drafter.config
@@ -61,7 +58,7 @@ def supported(drafter: Any) -> bool:
 class NativeDrafter:
     """A drafter's weights loaded into a native model (`dfl_draft` runs it)."""
 
-    def __init__(self, drafter: "DFlashDraftModel") -> None:
+    def __init__(self, drafter: DFlashDraftModel) -> None:
         c = drafter.config
         self.lib = lib = library()
         self.config = _Config(layers=c.num_hidden_layers, hidden=c.hidden_size, heads=c.num_attention_heads,
@@ -93,7 +90,7 @@ class NativeDrafter:
             vector(i, 3, attn.k_norm.weight)
 
     @classmethod
-    def of(cls, drafter: "DFlashDraftModel") -> "NativeDrafter":
+    def of(cls, drafter: DFlashDraftModel) -> "NativeDrafter":
         """The native copy of `drafter`, built once and again only after its weights change."""
         version = tuple(p._version for p in drafter.parameters())
         built = _BUILT.get(drafter)
@@ -113,7 +110,7 @@ class NativeDraftRows:
     """The draft caches of the rows being decoded, in their order (`DraftRows`' interface): one
     native sequence per row."""
 
-    def __init__(self, drafter: "DFlashDraftModel", runtime: Any) -> None:
+    def __init__(self, drafter: DFlashDraftModel, runtime: Any) -> None:
         self.drafter, self.runtime = drafter, runtime
         self.native = NativeDrafter.of(drafter)
         self.lib = self.native.lib
@@ -125,11 +122,11 @@ class NativeDraftRows:
         self.seqs.append(self.lib.dfl_seq_new())
 
     def keep(self, index: list[int]) -> None:
-        kept = [self.seqs[i] for i in index]
+        keep = set(index)
         for i, seq in enumerate(self.seqs):
-            if i not in index:
+            if i not in keep:
                 self.lib.dfl_seq_free(seq)
-        self.seqs[:] = kept
+        self.seqs[:] = [self.seqs[i] for i in index]
 
     def compact(self) -> None:
         """(Nothing to squeeze: a row's cache is its own.)"""
